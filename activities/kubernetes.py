@@ -1,0 +1,129 @@
+"""The Kubernetes Secret store: one Secret per request, written with optimistic concurrency.
+
+The official client is synchronous; calls run in a thread so the worker's event loop stays free.
+Writes are read-modify-replace with the object's resourceVersion, so a concurrent edit (another
+activity attempt, a kubectl relabel) is never overwritten: the write is redone on the fresh copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from temporalio.exceptions import ApplicationError
+
+log = logging.getLogger(__name__)
+
+_CONFLICT_RETRIES = 8
+
+
+class KubernetesRejected(ApplicationError):
+    """The API server refused a request that will not succeed on retry (invalid object)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, type="KubernetesRejected", non_retryable=True)
+
+
+def core_api() -> client.CoreV1Api:
+    """A client from the pod's service account when in a cluster, else from KUBECONFIG."""
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException:
+        config.load_kube_config(client_configuration=configuration)
+    return client.CoreV1Api(client.ApiClient(configuration))
+
+
+def _explain(exc: ApiException, what: str) -> Exception:
+    hint = {
+        401: "the API server rejected our credentials; check the service account or KUBECONFIG",
+        403: "missing RBAC permission; apply deploy/rbac.yaml to this namespace",
+    }.get(exc.status or 0, "")
+    message = f"Kubernetes API: {what} failed with {exc.status} {exc.reason}"
+    if hint:
+        message += f" ({hint})"
+    if exc.status in (400, 422):
+        return KubernetesRejected(message)
+    return RuntimeError(message)
+
+
+@dataclass
+class SecretPage:
+    items: list[client.V1Secret]
+    continue_token: str | None
+
+
+class SecretStore:
+    def __init__(self, api: client.CoreV1Api, namespace: str, threads: int = 16) -> None:
+        self.api = api
+        self.namespace = namespace
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube")
+
+    async def _call(self, fn: Callable, *args, **kwargs):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    async def get(self, name: str) -> client.V1Secret | None:
+        try:
+            return await self._call(self.api.read_namespaced_secret, name, self.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise _explain(exc, f"reading secret {name}") from None
+
+    async def create(self, secret: client.V1Secret) -> client.V1Secret | None:
+        """Create the Secret; None if one of that name exists already."""
+        try:
+            return await self._call(self.api.create_namespaced_secret, self.namespace, secret)
+        except ApiException as exc:
+            if exc.status == 409:
+                return None
+            raise _explain(exc, f"creating secret {secret.metadata.name}") from None
+
+    async def update(
+        self, name: str, mutate: Callable[[client.V1Secret], bool]
+    ) -> client.V1Secret | None:
+        """Apply `mutate` to the current Secret and write it back; None if there is none.
+
+        `mutate` edits the object in place and returns False when nothing needs writing.
+        """
+        for _ in range(_CONFLICT_RETRIES):
+            secret = await self.get(name)
+            if secret is None:
+                return None
+            if not mutate(secret):
+                return secret
+            try:
+                return await self._call(
+                    self.api.replace_namespaced_secret, name, self.namespace, secret
+                )
+            except ApiException as exc:
+                if exc.status == 409:
+                    log.debug("secret %s changed while we wrote it; retrying", name)
+                    continue
+                if exc.status == 404:
+                    return None
+                raise _explain(exc, f"updating secret {name}") from None
+        raise RuntimeError(
+            f"Kubernetes API: secret {name} kept changing under us ({_CONFLICT_RETRIES} conflicts)"
+        )
+
+    async def list_page(
+        self, label_selector: str, limit: int, continue_token: str | None = None
+    ) -> SecretPage:
+        try:
+            result = await self._call(
+                self.api.list_namespaced_secret,
+                self.namespace,
+                label_selector=label_selector,
+                limit=limit,
+                _continue=continue_token or None,
+            )
+        except ApiException as exc:
+            raise _explain(exc, f"listing secrets ({label_selector})") from None
+        return SecretPage(result.items, result.metadata._continue or None)

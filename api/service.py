@@ -1,0 +1,156 @@
+"""Key requests as the API sees them: Temporal workflows, addressed by request id.
+
+The API never talks to Kubernetes, LiteLLM or SMTP; the worker does. That keeps the API's
+permissions to "start, query, update and list workflows".
+"""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime
+
+from temporalio.client import (
+    Client,
+    WorkflowExecution,
+    WorkflowExecutionDescription,
+    WorkflowUpdateFailedError,
+)
+from temporalio.client import (
+    WorkflowExecutionStatus as Status,
+)
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from domain import (
+    QUERY_STATUS,
+    SA_MODEL,
+    SA_STATE,
+    UPDATE_DECIDE,
+    Decision,
+    KeyRequest,
+    RequestState,
+    RequestStatus,
+    request_id_for,
+    request_id_from_workflow_id,
+    workflow_id,
+)
+from settings import Settings
+from workflows.key_request import KeyRequestWorkflow
+
+
+class UnknownRequest(Exception):
+    pass
+
+
+class AlreadyDecided(Exception):
+    pass
+
+
+def _now() -> str:
+    return _iso(datetime.now(UTC))
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _visible_status(execution: WorkflowExecution) -> RequestStatus:
+    """What visibility alone tells: for listings, and when no worker can answer a query."""
+    attrs = execution.typed_search_attributes
+    return RequestStatus(
+        request_id=request_id_from_workflow_id(execution.id),
+        state=RequestState(attrs.get(SA_STATE) or "pending"),
+        model=attrs.get(SA_MODEL) or "",
+        requested_at=_iso(execution.start_time),
+        updated_at=_iso(execution.close_time or execution.start_time),
+    )
+
+
+class KeyRequests:
+    def __init__(self, client: Client, settings: Settings) -> None:
+        self.client = client
+        self.settings = settings
+
+    async def _describe(self, request_id: str) -> WorkflowExecutionDescription | None:
+        try:
+            return await self.client.get_workflow_handle(workflow_id(request_id)).describe()
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                return None
+            raise
+
+    async def submit(self, email: str, model: str) -> tuple[RequestStatus, bool]:
+        """Start the request's workflow, or return the live one: (status, newly started)."""
+        request_id = request_id_for(email, model, self.settings.request_id_key.get_secret_value())
+        existing = await self._describe(request_id)
+        if existing is not None:
+            state = existing.typed_search_attributes.get(SA_STATE)
+            if existing.status == Status.RUNNING or state == RequestState.APPROVED:
+                return _visible_status(existing), False
+        # Denied, expired, failed or never seen: a new request under the same id. Two
+        # simultaneous submissions meet here, and the conflict policy makes them one workflow.
+        requested_at = _now()
+        await self.client.start_workflow(
+            KeyRequestWorkflow.run,
+            KeyRequest(request_id, email, model, requested_at),
+            id=workflow_id(request_id),
+            task_queue=self.settings.temporal_task_queue,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            search_attributes=TypedSearchAttributes(
+                [
+                    SearchAttributePair(SA_STATE, RequestState.PENDING.value),
+                    SearchAttributePair(SA_MODEL, model),
+                ]
+            ),
+        )
+        status = RequestStatus(request_id, RequestState.PENDING, model, requested_at)
+        return status, existing is None or existing.status != Status.RUNNING
+
+    async def status(self, request_id: str) -> RequestStatus:
+        desc = await self._describe(request_id)
+        if desc is None:
+            raise UnknownRequest(request_id)
+        handle = self.client.get_workflow_handle(workflow_id(request_id), run_id=desc.run_id)
+        try:
+            return await handle.query(QUERY_STATUS, result_type=RequestStatus)
+        except RPCError:
+            # No worker to answer right now: visibility still knows state and model.
+            return _visible_status(desc)
+
+    async def decide(self, request_id: str, decision: Decision) -> RequestStatus:
+        desc = await self._describe(request_id)
+        if desc is None:
+            raise UnknownRequest(request_id)
+        if desc.status != Status.RUNNING:
+            state = desc.typed_search_attributes.get(SA_STATE) or "closed"
+            raise AlreadyDecided(f"request {request_id} is already {state}")
+        handle = self.client.get_workflow_handle(workflow_id(request_id), run_id=desc.run_id)
+        try:
+            return await handle.execute_update(UPDATE_DECIDE, decision, result_type=RequestStatus)
+        except WorkflowUpdateFailedError as exc:
+            cause = exc.cause
+            if isinstance(cause, ApplicationError) and cause.type == "AlreadyDecided":
+                raise AlreadyDecided(f"request {request_id}: {cause.message}") from None
+            raise
+
+    async def list(
+        self, state: RequestState | None, page_size: int, page_token: str | None
+    ) -> tuple[list[RequestStatus], str | None]:
+        query = f"WorkflowType = '{KeyRequestWorkflow.__name__}'"
+        if state is not None:
+            query += f" AND {SA_STATE.name} = '{state.value}'"
+        token = base64.urlsafe_b64decode(page_token) if page_token else None
+        iterator = self.client.list_workflows(
+            query, page_size=page_size, next_page_token=token, limit=None
+        )
+        await iterator.fetch_next_page()
+        rows = [_visible_status(execution) for execution in iterator.current_page or []]
+        next_token = iterator.next_page_token
+        return rows, base64.urlsafe_b64encode(next_token).decode() if next_token else None

@@ -1,0 +1,85 @@
+"""Connections to the outside world that both the API and the worker make the same way."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from pathlib import Path
+
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import (
+    AddSearchAttributesRequest,
+    ListSearchAttributesRequest,
+)
+from temporalio.client import Client
+from temporalio.service import RPCError, TLSConfig
+
+from domain import SEARCH_ATTRIBUTES
+from settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def tls_context(ca_file: str = "") -> ssl.SSLContext:
+    """Trust the system store (where mounted /certs land) plus an optional extra CA file.
+
+    httpx would otherwise trust only certifi's bundle and ignore the company's CA.
+    """
+    context = ssl.create_default_context()
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
+    return context
+
+
+def _temporal_tls(settings: Settings) -> TLSConfig | bool:
+    def read(path: str) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    if settings.temporal_tls_cert_file or settings.temporal_tls_ca_file:
+        return TLSConfig(
+            server_root_ca_cert=read(settings.temporal_tls_ca_file),
+            client_cert=read(settings.temporal_tls_cert_file),
+            client_private_key=read(settings.temporal_tls_key_file),
+        )
+    # An API key (Temporal Cloud) always travels over TLS.
+    return settings.temporal_tls or bool(settings.temporal_api_key.get_secret_value())
+
+
+async def connect_temporal(settings: Settings, lazy: bool = False) -> Client:
+    return await Client.connect(
+        settings.temporal_address,
+        namespace=settings.temporal_namespace,
+        tls=_temporal_tls(settings),
+        api_key=settings.temporal_api_key.get_secret_value() or None,
+        lazy=lazy,
+    )
+
+
+async def ensure_search_attributes(client: Client) -> None:
+    """Register KeyRequestState and KeyRequestModel on the namespace when missing.
+
+    Temporal Cloud does not let workers do this; there an operator creates them once (README).
+    """
+    namespace = client.namespace
+    try:
+        existing = await client.operator_service.list_search_attributes(
+            ListSearchAttributesRequest(namespace=namespace)
+        )
+        missing = {
+            key.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD
+            for key in SEARCH_ATTRIBUTES
+            if key.name not in existing.custom_attributes
+        }
+        if missing:
+            await client.operator_service.add_search_attributes(
+                AddSearchAttributesRequest(namespace=namespace, search_attributes=missing)
+            )
+            log.info("registered search attributes %s on %s", ", ".join(missing), namespace)
+    except RPCError as exc:
+        log.warning(
+            "could not check or register search attributes %s on namespace %s (%s); create them "
+            "as the README's 'Deploy to Kubernetes' section shows",
+            ", ".join(k.name for k in SEARCH_ATTRIBUTES),
+            namespace,
+            exc.message,
+        )

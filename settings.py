@@ -1,0 +1,322 @@
+"""Configuration: one pydantic-settings class fed by config.yaml, overridden by the environment.
+
+config.yaml is nested for people (`litellm.base_url`); the settings are flat so that every
+scalar has exactly one environment variable, the section and key joined (`LITELLM_BASE_URL`,
+`SMTP_HOST`, ...), which keeps the seed's variable names. Environment beats the file.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+DEFAULT_CONFIG_FILE = Path(__file__).with_name("config.yaml")
+# Sections of config.yaml whose keys become `<section>_<key>` settings.
+_FLATTENED_SECTIONS = ("litellm", "approval", "smtp", "kubernetes", "temporal", "api")
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names every offending field."""
+
+
+def parse_duration(value: Any) -> timedelta | None:
+    """'30s', '5m', '2h', '7d', or a number of seconds; '' or null means 'none'."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(
+            f"{value!r} is not a duration; use a number with a unit s, m, h or d, e.g. 30s or 7d"
+        )
+    return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+
+
+def _positive(value: timedelta | None) -> timedelta | None:
+    if value is not None and value.total_seconds() <= 0:
+        raise ValueError("must be longer than 0s")
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+OptionalDuration = Annotated[timedelta | None, BeforeValidator(parse_duration)]
+
+
+def _empty_to_none(value: Any) -> Any:
+    return None if value == "" else value
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$")
+    name: str = Field(min_length=1)
+    description: str = ""
+
+
+Decision = Literal["approve", "deny", "manual"]
+
+
+class ApprovalRule(BaseModel):
+    """First matching rule decides. A rule must name at least one condition."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    models: tuple[str, ...] = ()
+    email_domains: tuple[str, ...] = ()
+    decision: Decision
+    reason: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> ApprovalRule:
+        if not self.models and not self.email_domains:
+            raise ValueError(
+                f"rule {self.name!r} has no condition; give it `models` or `email_domains` "
+                "(use approval.default for a catch-all)"
+            )
+        for pattern in self.email_domains:
+            if "@" in pattern or not re.fullmatch(r"(\*\.)?[A-Za-z0-9.-]+|\*", pattern):
+                raise ValueError(
+                    f"rule {self.name!r}: email domain {pattern!r} must look like "
+                    "'example.com' or '*.example.com'"
+                )
+        return self
+
+    def matches(self, email: str, model: str) -> bool:
+        domain = email.rpartition("@")[2].lower()
+        if self.models and not any(fnmatch.fnmatchcase(model, m) for m in self.models):
+            return False
+        if self.email_domains and not any(
+            _domain_matches(domain, pattern.lower()) for pattern in self.email_domains
+        ):
+            return False
+        return True
+
+
+def _domain_matches(domain: str, pattern: str) -> bool:
+    if pattern == "*":
+        return True
+    if pattern.startswith("*."):
+        return domain.endswith(pattern[1:])
+    return domain == pattern
+
+
+class Settings(BaseSettings):
+    """Every setting of the API and the worker. Field `a_b` is config.yaml `a.b` and env `A_B`."""
+
+    model_config = SettingsConfigDict(extra="forbid", case_sensitive=False)
+
+    models: tuple[Model, ...] = Field(min_length=1)
+
+    litellm_base_url: str = "http://localhost:4000"
+    litellm_api_key: SecretStr = SecretStr("")
+    litellm_public_url: str = ""
+    litellm_key_duration: OptionalDuration = timedelta(days=30)
+    litellm_max_budget: Annotated[float | None, BeforeValidator(_empty_to_none)] = Field(
+        default=None, ge=0
+    )
+    litellm_budget_duration: OptionalDuration = None
+    litellm_timeout: Duration = timedelta(seconds=30)
+    litellm_metadata: dict[str, str] = Field(default_factory=dict)
+
+    approval_default: Decision = "manual"
+    approval_default_reason: str = "Your request was not approved."
+    approval_deadline: Duration = timedelta(days=7)
+    approval_rules: tuple[ApprovalRule, ...] = ()
+
+    smtp_host: str = "localhost"
+    smtp_port: int = Field(default=587, ge=1, le=65535)
+    smtp_user: str = ""
+    smtp_password: SecretStr = SecretStr("")
+    smtp_from: str = "noreply@example.com"
+    smtp_use_tls: bool = True
+    smtp_ca_file: str = ""
+    smtp_timeout: Duration = timedelta(seconds=30)
+
+    kubernetes_namespace: str = ""
+
+    temporal_address: str = "localhost:7233"
+    temporal_namespace: str = "default"
+    temporal_task_queue: str = "llm-key-requests"
+    temporal_tls: bool = False
+    temporal_tls_ca_file: str = ""
+    temporal_tls_cert_file: str = ""
+    temporal_tls_key_file: str = ""
+    temporal_api_key: SecretStr = SecretStr("")
+
+    approval_queue_interval: Duration = timedelta(seconds=30)
+
+    api_cors_origins: Annotated[tuple[str, ...], NoDecode] = ("*",)
+    api_max_body_bytes: int = Field(default=16384, ge=1024)
+
+    admin_token: SecretStr = SecretStr("")
+    # Keys the request id derived from (email, model), so ids reveal nothing about the email.
+    request_id_key: SecretStr = SecretStr("llm-key-requestor")
+
+    @field_validator(
+        "litellm_key_duration",
+        "litellm_budget_duration",
+        "approval_deadline",
+        "approval_queue_interval",
+        "litellm_timeout",
+        "smtp_timeout",
+    )
+    @classmethod
+    def _durations_positive(cls, value: timedelta | None) -> timedelta | None:
+        return _positive(value)
+
+    @field_validator("litellm_base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"{value!r} is not an http(s) URL, e.g. http://litellm:4000")
+        return value.rstrip("/")
+
+    @field_validator("api_cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                return yaml.safe_load(value)
+            return tuple(o.strip() for o in value.split(",") if o.strip())
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        ids = [m.id for m in self.models]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"models: duplicate id(s) {', '.join(duplicates)}")
+        names = [r.name for r in self.approval_rules]
+        for rule in self.approval_rules:
+            if names.count(rule.name) > 1:
+                raise ValueError(f"approval.rules: rule name {rule.name!r} is used twice")
+            for pattern in rule.models:
+                if pattern != "*" and not any(fnmatch.fnmatchcase(i, pattern) for i in ids):
+                    raise ValueError(
+                        f"approval.rules: rule {rule.name!r} names model {pattern!r}, which "
+                        f"matches no model in `models` ({', '.join(ids)})"
+                    )
+        return self
+
+    @property
+    def model_ids(self) -> list[str]:
+        return [m.id for m in self.models]
+
+    def decide(self, email: str, model: str) -> tuple[Decision, str, str]:
+        """(decision, reason, rule name) of the first matching rule, else the default."""
+        for rule in self.approval_rules:
+            if rule.matches(email, model):
+                reason = rule.reason or (
+                    self.approval_default_reason if rule.decision == "deny" else ""
+                )
+                return rule.decision, reason, rule.name
+        reason = self.approval_default_reason if self.approval_default == "deny" else ""
+        return self.approval_default, reason, "default"
+
+    @property
+    def namespace(self) -> str:
+        """KUBERNETES_NAMESPACE, else the namespace of the pod we run in, else 'default'."""
+        if self.kubernetes_namespace:
+            return self.kubernetes_namespace
+        pod_ns = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+        if pod_ns.is_file():
+            return pod_ns.read_text().strip() or "default"
+        return "default"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _YamlSource(settings_cls)
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Reads CONFIG_FILE (default config.yaml beside this module) and flattens its sections."""
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ is used
+        raise NotImplementedError
+
+    def __call__(self) -> dict[str, Any]:
+        path = Path(os.environ.get("CONFIG_FILE") or DEFAULT_CONFIG_FILE)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(
+                f"CONFIG_FILE: cannot read {str(path)!r} ({exc.strerror}); set CONFIG_FILE to the "
+                "path of config.yaml"
+            ) from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"CONFIG_FILE {str(path)!r} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"CONFIG_FILE {str(path)!r}: the top level must be a mapping")
+        flat: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key in _FLATTENED_SECTIONS:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{key}: must be a mapping of settings, got {value!r}")
+                for sub, sub_value in value.items():
+                    flat[f"{key}_{sub}"] = sub_value
+            else:
+                flat[key] = value
+        return flat
+
+
+def _field_label(loc: tuple) -> str:
+    """`litellm_base_url` -> 'litellm.base_url (env LITELLM_BASE_URL)'."""
+    if not loc:
+        return "configuration"
+    head, rest = str(loc[0]), "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:])
+    for section in _FLATTENED_SECTIONS:
+        if head.startswith(section + "_"):
+            return f"{section}.{head[len(section) + 1 :]}{rest} (env {head.upper()})"
+    return f"{head}{rest}" + (f" (env {head.upper()})" if not rest else "")
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings, turning validation errors into one ConfigError naming each field."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors(include_url=False, include_input=False):
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                message = "unknown setting; check the spelling against config.yaml's comments"
+            lines.append(f"  {_field_label(error['loc'])}: {message}")
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None

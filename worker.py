@@ -1,0 +1,105 @@
+"""The Temporal worker: runs the request and reconcile workflows and all their activities.
+
+    python worker.py
+
+Configuration comes from config.yaml and the environment (README, "Configuration").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from contextlib import AsyncExitStack
+
+import httpx
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.email import Mailer
+from activities.key_request import KeyRequestActivities
+from activities.kubernetes import SecretStore, core_api
+from activities.litellm import LiteLLMClient
+from connection import connect_temporal, ensure_search_attributes, tls_context
+from settings import ConfigError, Settings, load_settings
+from workflows.key_request import KeyRequestWorkflow
+
+log = logging.getLogger("worker")
+
+
+def build_activities(settings: Settings, store: SecretStore, http: httpx.AsyncClient) -> list:
+    litellm = LiteLLMClient(http, settings.litellm_api_key.get_secret_value())
+    mailer = Mailer(
+        host=settings.smtp_host,
+        port=settings.smtp_port,
+        sender=settings.smtp_from,
+        user=settings.smtp_user,
+        password=settings.smtp_password.get_secret_value(),
+        use_tls=settings.smtp_use_tls,
+        timeout=settings.smtp_timeout.total_seconds(),
+        tls_context=tls_context(settings.smtp_ca_file),
+    )
+    requests = KeyRequestActivities(settings, store, litellm, mailer)
+    return [
+        requests.record_request,
+        requests.evaluate_policy,
+        requests.mint_key,
+        requests.close_request,
+        requests.notify_requester,
+    ]
+
+
+def litellm_http(settings: Settings) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        base_url=settings.litellm_base_url,
+        timeout=settings.litellm_timeout.total_seconds(),
+        verify=tls_context(),
+    )
+
+
+async def run_worker(
+    settings: Settings, client: Client, store: SecretStore, stop: asyncio.Event
+) -> None:
+    """Serve the task queue until `stop` is set, then finish in-flight tasks and return."""
+    await ensure_search_attributes(client)
+    async with AsyncExitStack() as stack:
+        http = await stack.enter_async_context(litellm_http(settings))
+        worker = Worker(
+            client,
+            task_queue=settings.temporal_task_queue,
+            workflows=[KeyRequestWorkflow],
+            activities=build_activities(settings, store, http),
+            graceful_shutdown_timeout=settings.litellm_timeout,
+        )
+        async with worker:
+            log.info(
+                "worker ready on %s, namespace %s, task queue %s; Kubernetes namespace %s",
+                settings.temporal_address,
+                settings.temporal_namespace,
+                settings.temporal_task_queue,
+                store.namespace,
+            )
+            await stop.wait()
+            log.info("stopping: finishing in-flight tasks")
+
+
+async def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    client = await connect_temporal(settings)
+    store = SecretStore(core_api(), settings.namespace)
+    await run_worker(settings, client, store, stop)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
