@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 from temporalio.service import RPCError
 
@@ -225,8 +226,8 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
             {"message": _validation_message(errors), "detail": errors}, status_code=422
         )
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"message": exc.detail}, exc.status_code, headers=exc.headers)
 
     @app.exception_handler(UnknownRequest)
@@ -237,17 +238,25 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
     async def decided(_: Request, exc: AlreadyDecided) -> JSONResponse:
         return JSONResponse({"message": str(exc)}, 409)
 
-    @app.exception_handler(RPCError)
-    async def temporal_down(_: Request, exc: RPCError) -> JSONResponse:
+    def temporal_down(exc: Exception) -> JSONResponse:
         log.warning("Temporal call failed: %s", _short(exc))
         return JSONResponse(
             {
-                "message": f"Temporal at {settings.temporal_address} is unreachable or failing "
-                f"({exc.status.name if exc.status else 'error'}); nothing was recorded, retry "
-                "in a moment"
+                "message": f"Temporal at {settings.temporal_address} is unreachable or failing; "
+                "nothing was recorded, retry in a moment"
             },
             503,
         )
+
+    app.add_exception_handler(RPCError, lambda _, exc: temporal_down(exc))
+
+    @app.exception_handler(RuntimeError)
+    async def runtime_error(_: Request, exc: RuntimeError) -> JSONResponse:
+        # The lazily connected client reports a refused connection as "Failed client connect".
+        if "client connect" in str(exc):
+            return temporal_down(exc)
+        log.exception("unexpected error")
+        return JSONResponse({"message": "internal error; the API log has the details"}, 500)
 
 
 class BodySizeLimit:
@@ -272,23 +281,20 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _TooLarge
+                    # FastAPI passes an HTTPException raised while reading the body through.
+                    raise HTTPException(413, self._message)
             return message
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            await self._reject(send)
+        await self.app(scope, limited_receive, send)
+
+    @property
+    def _message(self) -> str:
+        return f"request body larger than {self.max_bytes} bytes"
 
     async def _reject(self, send) -> None:
-        response = JSONResponse(
-            {"message": f"request body larger than {self.max_bytes} bytes"}, status_code=413
+        await JSONResponse({"message": self._message}, status_code=413)(
+            {"type": "http"}, None, send
         )
-        await response({"type": "http"}, None, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

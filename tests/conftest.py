@@ -1,0 +1,215 @@
+"""Real servers for the tests, started once per session on loopback ports.
+
+Temporal is the real dev server; SMTP is a real aiosmtpd server; Kubernetes and LiteLLM are
+stand-ins that speak their HTTP contracts (tests/conformance keeps them honest). The worker and
+the API are the project's own code, unchanged, reached over real sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from kubernetes import config as kube_config
+from kubernetes.client import CoreV1Api
+from temporalio.client import Client
+
+from activities.kubernetes import SecretStore
+from api.main import create_app
+from devstack.http import serve_in_thread
+from devstack.kube import KubeStandin
+from devstack.litellm import LiteLLMStandin
+from devstack.mail import MailSink
+from devstack.temporal import TemporalDevServer
+from settings import ApprovalRule, Settings, load_settings
+from worker import run_worker
+
+ADMIN_TOKEN = "test-admin-token-1234567890"
+NAMESPACE = "default"
+
+# The policy the tests rely on: the domain says what happens.
+RULES = (
+    ApprovalRule(name="auto-approve", email_domains=("approve.example.com",), decision="approve"),
+    ApprovalRule(
+        name="auto-deny",
+        email_domains=("deny.example.com",),
+        decision="deny",
+        reason="Requests from deny.example.com are not allowed.",
+    ),
+)
+
+
+def unique_email(domain: str) -> str:
+    return f"user-{uuid.uuid4().hex[:10]}@{domain}"
+
+
+@pytest.fixture(scope="session")
+def temporal_server(tmp_path_factory) -> Iterator[TemporalDevServer]:
+    server = TemporalDevServer(log_file=tmp_path_factory.mktemp("temporal") / "server.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+async def connect_when_ready(address: str, timeout: float = 20) -> Client:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            return await Client.connect(address)
+        except RuntimeError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+async def temporal_client(temporal_server) -> Client:
+    return await connect_when_ready(temporal_server.address)
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory) -> Iterator[KubeStandin]:
+    standin = KubeStandin()
+    standin.start()
+    standin.kubeconfig = standin.write_kubeconfig(
+        tmp_path_factory.mktemp("kube") / "kubeconfig", NAMESPACE
+    )
+    yield standin
+    standin.stop()
+
+
+@pytest.fixture(scope="session")
+def core_api(kube) -> CoreV1Api:
+    return CoreV1Api(kube_config.new_client_from_config(config_file=str(kube.kubeconfig)))
+
+
+@pytest.fixture(scope="session")
+def litellm() -> Iterator[LiteLLMStandin]:
+    standin = LiteLLMStandin()
+    standin.start()
+    yield standin
+    standin.stop()
+
+
+@pytest.fixture(scope="session")
+def mail(tmp_path_factory) -> Iterator[MailSink]:
+    sink = MailSink(maildir=tmp_path_factory.mktemp("mail"))
+    sink.start()
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture(scope="session")
+def settings(temporal_server, kube, litellm, mail) -> Settings:
+    return load_settings(
+        temporal_address=temporal_server.address,
+        temporal_task_queue=f"tests-{uuid.uuid4().hex[:8]}",
+        litellm_base_url=litellm.url,
+        litellm_api_key=litellm.master_key,
+        litellm_timeout="5s",
+        smtp_host=mail.host,
+        smtp_port=mail.port,
+        smtp_use_tls=False,
+        smtp_timeout="5s",
+        kubernetes_namespace=NAMESPACE,
+        approval_rules=RULES,
+        approval_default="manual",
+        approval_deadline="1h",
+        admin_token=ADMIN_TOKEN,
+    )
+
+
+@dataclass
+class RunningWorker:
+    task: asyncio.Task
+    stop: asyncio.Event
+
+
+async def start_worker(settings: Settings, client: Client, core_api: CoreV1Api) -> RunningWorker:
+    stop = asyncio.Event()
+    store = SecretStore(core_api, settings.namespace)
+    task = asyncio.create_task(run_worker(settings, client, store, stop))
+    return RunningWorker(task, stop)
+
+
+async def stop_worker(worker: RunningWorker) -> None:
+    worker.stop.set()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(worker.task, 30)
+
+
+@pytest.fixture(scope="session")
+async def worker(settings, temporal_client, core_api) -> AsyncIterator[RunningWorker]:
+    running = await start_worker(settings, temporal_client, core_api)
+    yield running
+    await stop_worker(running)
+
+
+@pytest.fixture(scope="session")
+def api_url(settings, temporal_server) -> Iterator[str]:
+    served = serve_in_thread(create_app(settings), lifespan="on")
+    yield served.url
+    served.stop()
+
+
+@pytest.fixture(scope="session")
+async def api(api_url, worker) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=api_url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture
+def admin_headers() -> dict:
+    return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+async def mail_to(sink: MailSink, address: str, count: int = 1, timeout: float = 30) -> list:
+    """Wait until `count` messages to `address` have arrived; return them (fails on more)."""
+
+    def arrived():
+        found = [m for m in sink.messages if m["To"] == address]
+        return found if len(found) >= count else None
+
+    found = await wait_until(arrived, timeout, f"{count} mail(s) to {address}")
+    assert len(found) == count, f"expected {count} mail(s) to {address}, got {len(found)}"
+    return found
+
+
+def secret_of(kube: KubeStandin, request_id: str) -> dict:
+    name = f"llm-key-request-{request_id}"
+    return next(s for s in kube.secrets(NAMESPACE) if s["metadata"]["name"] == name)
+
+
+def kubeconfig_path(kube: KubeStandin) -> Path:
+    return kube.kubeconfig
+
+
+async def history_bytes(client: Client, wf_id: str) -> bytes:
+    """Every event of every run of the workflow, payloads included, as raw bytes."""
+    from temporalio.api.history.v1 import History
+
+    raw = b""
+    async for execution in client.list_workflows(f"WorkflowId = '{wf_id}'"):
+        history = await client.get_workflow_handle(wf_id, run_id=execution.run_id).fetch_history()
+        raw += History(events=history.events).SerializeToString()
+    return raw
+
+
+async def wait_until(condition, timeout: float = 30, what: str = "condition"):
+    """Re-check `condition` (sync or async) until it returns something truthy."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = condition()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
