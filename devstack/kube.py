@@ -1,22 +1,27 @@
-"""An in-memory stand-in for the Kubernetes API, just enough of core/v1 for Secrets.
+"""An in-memory stand-in for the Kubernetes API: core/v1 Secrets, for the service and for kubectl.
 
-Implements, over plain HTTP and JSON, what the official `kubernetes` Python client and `kubectl`
-need for Secrets:
+It speaks the real HTTP contract, JSON only, to the official `kubernetes` Python client and to
+`kubectl` (see tests/conformance/test_kubernetes_api.py, which also runs against real clusters):
 
-- discovery: /version, /api, /api/v1 (secrets, namespaces), /apis (no groups), /healthz etc.
-  Aggregated discovery is not offered; clients asking for it get the legacy JSON forms;
-- Secrets: create, get, replace (PUT, with resourceVersion optimistic concurrency), patch (JSON
-  merge patch, strategic merge patch treated as a merge patch, RFC 6902 JSON patch), delete,
-  deletecollection, list (set-based label selectors, metadata.name/metadata.namespace/type
-  field selectors, limit/continue paging) and watch (newline-delimited JSON events);
-- server-side printing: `as=Table` lists with NAME/TYPE/DATA/AGE, honouring includeObject;
-- errors as `Status` objects whose `code` equals the HTTP status;
-- fault injection and a record of the RBAC verbs requested, for tests.
+- discovery: /version, /api, /api/v1 (secrets; namespaces), /apis (no groups), /healthz,
+  /readyz, /livez. Aggregated discovery is not offered: kubectl falls back to these legacy forms;
+- Secrets, one lock and one global resourceVersion: create (201; AlreadyExists; Invalid names),
+  get, replace (PUT; 409 Conflict on a stale metadata.resourceVersion), patch (JSON merge patch;
+  strategic merge patch treated as a merge patch, which is what it amounts to for Secrets;
+  RFC 6902 JSON patch), delete (with preconditions), deletecollection, list (set-based label
+  selectors; metadata.name, metadata.namespace and type field selectors; limit/continue paging
+  over a snapshot of membership) and watch (newline-delimited events, resumable from a
+  resourceVersion, sendInitialEvents with its closing BOOKMARK). stringData folds into data,
+  and a write that changes nothing keeps the resourceVersion, as on a real server;
+- server-side printing: `as=Table` answers with NAME/TYPE/DATA/AGE, honouring includeObject;
+- every error is a `Status` whose `code` is the HTTP status;
+- test hooks: fault injection, and the RBAC verbs requested against secrets.
 
-Deliberately not implemented: protobuf and CBOR bodies (415 with a hint), server-side apply,
-admission, authentication/authorization (any or no token is accepted), immutable Secrets,
-ownerReferences/finalizers/garbage collection, OpenAPI documents (404), and any resource other
-than Secrets and (read-only, always present) Namespaces.
+Deliberately not implemented: protobuf and CBOR bodies (415 with a hint to use JSON), server-side
+apply, the `<`/`>` label operators, authentication and authorization (any token is accepted),
+admission, immutable Secrets, finalizers and garbage collection, expiry of continue tokens,
+OpenAPI documents (404, so `kubectl create -f` needs --validate=false) and every resource other
+than Secrets and Namespaces (which all exist, are Active and read-only).
 """
 
 from __future__ import annotations
@@ -784,6 +789,11 @@ def build_app(store: SecretStore) -> Starlette:
             }
         )
 
+    async def api(request: Request) -> Response:
+        address = {"clientCIDR": "0.0.0.0/0", "serverAddress": request.url.netloc}
+        body = {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [address]}
+        return json_response(body)
+
     async def not_found_route(request: Request) -> Response:
         return status_response(KubeError(404, "the server could not find the requested resource"))
 
@@ -797,16 +807,9 @@ def build_app(store: SecretStore) -> Starlette:
         return endpoint
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
-    api = {
-        "kind": "APIVersions",
-        "versions": ["v1"],
-        "serverAddressByClientCIDRs": [
-            {"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1:6443"}
-        ],
-    }
     routes = [
         Route("/version", static(VERSION)),
-        Route("/api", static(api)),
+        Route("/api", api),
         Route("/api/v1", static(API_RESOURCES)),
         Route("/apis", static({"kind": "APIGroupList", "apiVersion": "v1", "groups": []})),
         Route("/api/v1/secrets", secrets, methods=["GET"]),
@@ -851,7 +854,7 @@ API_RESOURCES = {
 
 
 class KubeStandin:
-    """The stand-in served from a background thread, with test hooks."""
+    """The stand-in served by uvicorn from a daemon thread, with hooks for tests."""
 
     def __init__(self) -> None:
         self.store = SecretStore()
@@ -878,6 +881,7 @@ class KubeStandin:
         return self._served.url
 
     def write_kubeconfig(self, path: str | Path, namespace: str = "default") -> Path:
+        """A kubeconfig for kubectl and the Python client: this server, a dummy token."""
         path = Path(path)
         config = {
             "apiVersion": "v1",
@@ -898,6 +902,7 @@ class KubeStandin:
         return path
 
     def secrets(self, namespace: str = "default") -> list[dict]:
+        """A snapshot of the stored Secrets (JSON dicts, data base64), sorted by name."""
         with self.store.lock:
             return [
                 copy.deepcopy(obj)
@@ -906,6 +911,10 @@ class KubeStandin:
             ]
 
     def inject_faults(self, count: int, status: int, methods: set[str] | None = None) -> None:
+        """Answer the next `count` Secret requests (of these HTTP methods) with a `status` Status.
+
+        The failing requests change nothing; faults queue up behind those already injected.
+        """
         wanted = {m.upper() for m in methods} if methods else None
         with self.store.lock:
             self.store.faults.extend([(status, wanted)] * count)
@@ -915,6 +924,7 @@ class KubeStandin:
             self.store.faults.clear()
 
     def verbs_seen(self) -> set[str]:
+        """RBAC verbs (get, list, watch, create, update, patch, delete...) asked for on secrets."""
         with self.store.lock:
             return set(self.store.verbs)
 

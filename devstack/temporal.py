@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from temporalio.client import Client
 
 from devstack.http import free_port
 from domain import SEARCH_ATTRIBUTES
@@ -101,3 +104,15 @@ class TemporalDevServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+async def connect_when_ready(address: str, within: float = 30) -> Client:
+    """Connect to a server that may still be starting (its port opens before it serves)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        try:
+            return await Client.connect(address)
+        except RuntimeError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.1)

@@ -26,7 +26,7 @@ from devstack.http import serve_in_thread
 from devstack.kube import KubeStandin
 from devstack.litellm import LiteLLMStandin
 from devstack.mail import MailSink
-from devstack.temporal import TemporalDevServer
+from devstack.temporal import TemporalDevServer, connect_when_ready
 from settings import ApprovalRule, Settings, load_settings
 from worker import run_worker
 
@@ -55,17 +55,6 @@ def temporal_server(tmp_path_factory) -> Iterator[TemporalDevServer]:
     server.start()
     yield server
     server.stop()
-
-
-async def connect_when_ready(address: str, timeout: float = 20) -> Client:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        try:
-            return await Client.connect(address)
-        except RuntimeError:
-            if asyncio.get_running_loop().time() > deadline:
-                raise
-            await asyncio.sleep(0.1)
 
 
 @pytest.fixture(scope="session")
@@ -169,14 +158,14 @@ def admin_headers() -> dict:
     return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
-async def mail_to(sink: MailSink, address: str, count: int = 1, timeout: float = 30) -> list:
+async def mail_to(sink: MailSink, address: str, count: int = 1, within: float = 30) -> list:
     """Wait until `count` messages to `address` have arrived; return them (fails on more)."""
 
     def arrived():
         found = [m for m in sink.messages if m["To"] == address]
         return found if len(found) >= count else None
 
-    found = await wait_until(arrived, timeout, f"{count} mail(s) to {address}")
+    found = await wait_until(arrived, within, f"{count} mail(s) to {address}")
     assert len(found) == count, f"expected {count} mail(s) to {address}, got {len(found)}"
     return found
 
@@ -201,9 +190,9 @@ async def history_bytes(client: Client, wf_id: str) -> bytes:
     return raw
 
 
-async def wait_until(condition, timeout: float = 30, what: str = "condition"):
+async def wait_until(condition, within: float = 30, what: str = "condition"):
     """Re-check `condition` (sync or async) until it returns something truthy."""
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + within
     while True:
         result = condition()
         if asyncio.iscoroutine(result):
@@ -211,5 +200,5 @@ async def wait_until(condition, timeout: float = 30, what: str = "condition"):
         if result:
             return result
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
         await asyncio.sleep(0.05)

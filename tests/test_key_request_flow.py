@@ -7,6 +7,7 @@ import base64
 import re
 
 from conftest import history_bytes, mail_to, secret_of, unique_email, wait_until
+
 from domain import workflow_id
 from workflows.key_request import KeyRequestWorkflow
 
@@ -43,7 +44,9 @@ async def test_auto_approved_request_emails_a_key_bound_to_the_model(
     assert message["Message-ID"] == f"<{request_id}.approved@llm-key-requestor>"
 
     # The key the requester got is live in LiteLLM, and only for the requested model.
-    record = next(k for k in litellm.keys() if k["key_alias"].startswith(f"llm-key-request-{request_id}"))
+    record = next(
+        k for k in litellm.keys() if k["key_alias"].startswith(f"llm-key-request-{request_id}")
+    )
     assert record["models"] == ["gpt-4o-mini"]
     assert litellm.has_live_key(key)
     assert litellm.live_keys_for_alias(record["key_alias"]) == 1
@@ -137,7 +140,7 @@ async def test_litellm_answer_lost_after_minting_still_one_key(api, mail, litell
     email = unique_email("approve.example.com")
     request_id = (await submit(api, email))["request_id"]
 
-    [message] = await mail_to(mail, email, timeout=60)
+    [message] = await mail_to(mail, email, within=60)
     key = KEY.search(plain(message)).group(0)
     alias = secret_of(kube, request_id)["metadata"]["annotations"]["llm-key-requestor/key-alias"]
     assert litellm.has_live_key(key)
@@ -156,11 +159,14 @@ async def test_litellm_permanent_refusal_ends_failed_with_the_cause(
     assert "max_budget must be positive" in plain(message)
     secret = secret_of(kube, request_id)
     assert secret["metadata"]["labels"]["request-state"] == "failed"
-    assert "max_budget must be positive" in secret["metadata"]["annotations"][
-        "llm-key-requestor/reason"
-    ]
+    assert (
+        "max_budget must be positive"
+        in secret["metadata"]["annotations"]["llm-key-requestor/reason"]
+    )
     assert not secret.get("data"), "a key that never went live must not linger in the Secret"
-    handle = temporal_client.get_workflow_handle_for(KeyRequestWorkflow.run, workflow_id(request_id))
+    handle = temporal_client.get_workflow_handle_for(
+        KeyRequestWorkflow.run, workflow_id(request_id)
+    )
     assert (await handle.result()).state == "failed"
     status = (await api.get(f"/api/requests/{request_id}")).json()
     assert status["state"] == "failed" and "max_budget" in status["reason"]
@@ -182,5 +188,5 @@ async def test_mail_server_down_then_up_the_key_still_arrives(api, mail, kube):
         assert not [m for m in mail.messages if m["To"] == email]
     finally:
         mail.start()
-    [message] = await mail_to(mail, email, timeout=60)
+    [message] = await mail_to(mail, email, within=60)
     assert KEY.search(plain(message))
