@@ -35,19 +35,24 @@ class Notice:
 def _paragraphs(notice: Notice) -> tuple[str, list[str]]:
     """Subject and body paragraphs; the key itself is added by compose()."""
     model = notice.model
+    if notice.reviewer.startswith("policy:"):
+        by = " automatically by the approval policy"
+    else:
+        by = f" by {notice.reviewer}" if notice.reviewer else ""
     if notice.state is RequestState.APPROVED:
         expiry = (
             f"It expires {notice.key_expires}." if notice.key_expires else "It does not expire."
         )
-        by = f" by {notice.reviewer}" if notice.reviewer else ""
+        note = [f"Note from the reviewer: {notice.reason}"] if notice.reason else []
         return f"Your API key for {model}", [
             f"Your request for an API key for {model} was approved{by}.",
             f"The key works for the model {model} only. {expiry}",
+            *note,
             "Keep it secret: anyone with the key can spend its budget.",
         ]
     if notice.state is RequestState.DENIED:
         return f"Your API key request for {model} was denied", [
-            f"Your request for an API key for {model} was denied.",
+            f"Your request for an API key for {model} was denied{by}.",
             f"Reason: {notice.reason or 'none given'}",
         ]
     if notice.state is RequestState.EXPIRED:

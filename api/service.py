@@ -43,6 +43,8 @@ from domain import (
 from settings import Settings
 from workflows.key_request import KeyRequestWorkflow
 
+_UNREACHABLE = (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED)
+
 
 class UnknownRequest(Exception):
     pass
@@ -139,6 +141,13 @@ class KeyRequests:
             if isinstance(cause, ApplicationError) and cause.type == "AlreadyDecided":
                 raise AlreadyDecided(f"request {request_id}: {cause.message}") from None
             raise
+        except RPCError as exc:
+            if exc.status in _UNREACHABLE:
+                raise
+            # The workflow closed while the update was on its way: it was decided meanwhile.
+            closed = await self._describe(request_id)
+            state = closed.typed_search_attributes.get(SA_STATE) if closed else "closed"
+            raise AlreadyDecided(f"request {request_id} is already {state}") from None
 
     async def list(
         self, state: RequestState | None, page_size: int, page_token: str | None
