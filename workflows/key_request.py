@@ -186,9 +186,13 @@ class KeyRequestWorkflow:
     def _set_state(self, state: RequestState) -> None:
         self._status.state = state
         self._status.updated_at = _iso(workflow.now())
-        workflow.upsert_search_attributes(
-            [SA_STATE.value_set(state.value), SA_MODEL.value_set(self._status.model)]
-        )
+        # Every start by the API or the reconciler sets these attributes. A start without them
+        # (a namespace where they were never created) must still run the request: upserting an
+        # unknown attribute would fail every workflow task.
+        if workflow.info().typed_search_attributes.get(SA_STATE) is not None:
+            workflow.upsert_search_attributes(
+                [SA_STATE.value_set(state.value), SA_MODEL.value_set(self._status.model)]
+            )
 
     def _final(self, request: KeyRequest) -> FinalState:
         status = self._status

@@ -1,0 +1,54 @@
+"""A request nobody decides expires at the deadline; time-skipping makes 7 days instant."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+
+from conftest import mail_to, secret_of, unique_email
+from temporalio.testing import WorkflowEnvironment
+from test_key_request_flow import plain
+
+from activities.kubernetes import SecretStore
+from devstack.temporal import binary
+from domain import KeyRequest, RequestState, request_id_for, workflow_id
+from worker import run_worker
+from workflows.key_request import KeyRequestWorkflow
+
+
+async def test_undecided_request_expires_after_seven_days_and_the_requester_is_told(
+    settings, core_api, kube, mail
+):
+    week = settings.model_copy(
+        update={"approval_deadline": timedelta(days=7), "temporal_task_queue": f"ts-{uuid.uuid4()}"}
+    )
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=binary("temporal-test-server")
+    )
+    stop = asyncio.Event()
+    async with env:
+        worker = asyncio.create_task(
+            run_worker(week, env.client, SecretStore(core_api, week.namespace), stop)
+        )
+        email = unique_email("manual.example.com")
+        request_id = request_id_for(email, "gpt-4o", "time-skipping")
+        handle = await env.client.start_workflow(
+            KeyRequestWorkflow.run,
+            KeyRequest(request_id, email, "gpt-4o", "2026-01-01T00:00:00Z"),
+            id=workflow_id(request_id),
+            task_queue=week.temporal_task_queue,
+        )
+        before = await env.get_current_time()
+        result = await asyncio.wait_for(handle.result(), 60)
+        assert result.state == RequestState.EXPIRED
+        assert await env.get_current_time() - before >= timedelta(days=7)
+        stop.set()
+        await worker
+
+    [message] = await mail_to(mail, email)
+    assert "expired" in plain(message)
+    secret = secret_of(kube, request_id)
+    assert secret["metadata"]["labels"]["request-state"] == "expired"
+    assert secret["metadata"]["annotations"]["state"] == "expired"
+    assert not secret.get("data")

@@ -1,0 +1,57 @@
+"""Determinism: recorded histories of real runs must replay against today's workflow code.
+
+A change that would break running workflows (reordered activities, a new timer on an old path)
+fails here. After an intended, versioned change, re-record with
+`RECORD_HISTORIES=1 uv run pytest tests/test_replay.py`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from conftest import mail_to, unique_email
+from temporalio.client import WorkflowHistory
+from temporalio.worker import Replayer
+from test_key_request_flow import submit
+
+from domain import Review, workflow_id
+from workflows.key_request import KeyRequestWorkflow
+
+HISTORIES = Path(__file__).parent / "histories"
+
+
+def recorded() -> list[Path]:
+    return sorted(HISTORIES.glob("*.json"))
+
+
+@pytest.mark.parametrize("path", recorded(), ids=lambda p: p.stem)
+async def test_recorded_history_replays(path):
+    history = WorkflowHistory.from_json(path.stem, path.read_text())
+    await Replayer(workflows=[KeyRequestWorkflow]).replay_workflow(history)
+
+
+async def test_fresh_histories_replay_and_can_be_recorded(api, mail, temporal_client):
+    """Runs each path once on the real server; replays it; records it when asked to."""
+    runs = {}
+    for name, domain in (("policy-approved", "approve.example.com"),
+                         ("policy-denied", "deny.example.com")):  # fmt: skip
+        email = unique_email(domain)
+        runs[name] = ((await submit(api, email))["request_id"], email)
+    email = unique_email("manual.example.com")
+    request_id = (await submit(api, email))["request_id"]
+    handle = temporal_client.get_workflow_handle(workflow_id(request_id))
+    await handle.signal("approve", Review(reviewer="alice", reason="ok"))
+    await handle.signal("deny", Review(reviewer="late"))  # ignored
+    runs["signal-approved"] = (request_id, email)
+
+    replayer = Replayer(workflows=[KeyRequestWorkflow])
+    for name, (request_id, email) in runs.items():
+        await mail_to(mail, email)
+        handle = temporal_client.get_workflow_handle(workflow_id(request_id))
+        await handle.result()
+        history = await handle.fetch_history()
+        await replayer.replay_workflow(history)
+        if os.environ.get("RECORD_HISTORIES"):
+            (HISTORIES / f"{name}.json").write_text(history.to_json())
