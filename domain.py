@@ -156,3 +156,38 @@ class RequestStatus:
     key_expires: str | None = None
     deadline: str = ""
     updated_at: str = ""
+
+
+# The reconciler.
+RECONCILE_SCHEDULE_ID = "llm-key-requestor-reconcile"
+RECONCILE_PHASES = ("pending", "legacy")
+
+
+@dataclass
+class ReconcilePage:
+    """One page of one listing; `phase` says which Secrets the listing selects."""
+
+    phase: str = "pending"
+    continue_token: str | None = None
+    page_size: int = 250
+
+
+@dataclass
+class ReconcileCounts:
+    scanned: int = 0  # pending Secrets looked at
+    in_flight: int = 0  # their workflow is running: nothing to do
+    resumed: int = 0  # no running workflow: started again
+    relayed: int = 0  # relabelled with kubectl: decision passed to the workflow
+    corrected: int = 0  # workflow finished, Secret behind: brought in line
+    skipped: int = 0  # cannot be resumed (no email or model on the Secret)
+    pages: int = 0  # listing pages, one activity each
+
+    def add(self, other: ReconcileCounts) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class ReconcilePageResult:
+    counts: ReconcileCounts
+    next_token: str | None = None

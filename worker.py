@@ -14,21 +14,37 @@ import sys
 from contextlib import AsyncExitStack
 
 import httpx
-from temporalio.client import Client
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleIntervalSpec,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleSpec,
+    ScheduleUpdate,
+)
+from temporalio.service import RPCError
 from temporalio.worker import Worker
 
 from activities.email import Mailer
 from activities.key_request import KeyRequestActivities
 from activities.kubernetes import SecretStore, core_api
 from activities.litellm import LiteLLMClient
+from activities.reconcile import ReconcileActivities
 from connection import connect_temporal, ensure_search_attributes, tls_context
+from domain import RECONCILE_SCHEDULE_ID, ReconcilePage
 from settings import ConfigError, Settings, load_settings
 from workflows.key_request import KeyRequestWorkflow
+from workflows.reconcile import ReconcileWorkflow
 
 log = logging.getLogger("worker")
 
 
-def build_activities(settings: Settings, store: SecretStore, http: httpx.AsyncClient) -> list:
+def build_activities(
+    settings: Settings, store: SecretStore, http: httpx.AsyncClient, client: Client
+) -> list:
     litellm = LiteLLMClient(http, settings.litellm_api_key.get_secret_value())
     mailer = Mailer(
         host=settings.smtp_host,
@@ -41,13 +57,49 @@ def build_activities(settings: Settings, store: SecretStore, http: httpx.AsyncCl
         tls_context=tls_context(settings.smtp_ca_file),
     )
     requests = KeyRequestActivities(settings, store, litellm, mailer)
+    reconcile = ReconcileActivities(settings, store, client)
     return [
         requests.record_request,
         requests.evaluate_policy,
         requests.mint_key,
         requests.close_request,
         requests.notify_requester,
+        reconcile.reconcile_page,
     ]
+
+
+async def ensure_reconcile_schedule(client: Client, settings: Settings) -> None:
+    """Create the reconciler's Schedule, or bring its interval and task queue up to date.
+
+    Every worker does this at start; the fixed id makes it one Schedule however many start.
+    """
+    schedule = Schedule(
+        action=ScheduleActionStartWorkflow(
+            ReconcileWorkflow.run,
+            ReconcilePage(),
+            id=RECONCILE_SCHEDULE_ID,
+            task_queue=settings.temporal_task_queue,
+        ),
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=settings.approval_queue_interval)]),
+        # A run still going when the next is due makes the next one pointless.
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+    )
+    try:
+        try:
+            await client.create_schedule(RECONCILE_SCHEDULE_ID, schedule)
+            log.info("created schedule %s", RECONCILE_SCHEDULE_ID)
+        except ScheduleAlreadyRunningError:
+            handle = client.get_schedule_handle(RECONCILE_SCHEDULE_ID)
+            await handle.update(lambda _: ScheduleUpdate(schedule=schedule))
+            log.info("updated schedule %s", RECONCILE_SCHEDULE_ID)
+    except RPCError as exc:
+        # Requests still flow without it; only the repair of stray Secrets waits.
+        log.error(
+            "could not create or update schedule %s (%s); stray pending Secrets are not "
+            "reconciled until a worker can",
+            RECONCILE_SCHEDULE_ID,
+            exc.message,
+        )
 
 
 def litellm_http(settings: Settings) -> httpx.AsyncClient:
@@ -63,13 +115,14 @@ async def run_worker(
 ) -> None:
     """Serve the task queue until `stop` is set, then finish in-flight tasks and return."""
     await ensure_search_attributes(client)
+    await ensure_reconcile_schedule(client, settings)
     async with AsyncExitStack() as stack:
         http = await stack.enter_async_context(litellm_http(settings))
         worker = Worker(
             client,
             task_queue=settings.temporal_task_queue,
-            workflows=[KeyRequestWorkflow],
-            activities=build_activities(settings, store, http),
+            workflows=[KeyRequestWorkflow, ReconcileWorkflow],
+            activities=build_activities(settings, store, http, client),
             graceful_shutdown_timeout=settings.litellm_timeout,
         )
         async with worker:

@@ -149,23 +149,39 @@ class KeyRequestActivities:
         if await self.store.create(new_secret(request)) is not None:
             return RecordedRequest(RequestState.PENDING)
 
-        def restart_if_closed(secret: client.V1Secret) -> bool:
-            # A closed request other than an approval is asked for anew: start it over.
-            state = recorded_state(secret)
-            if state in (RequestState.PENDING, RequestState.APPROVED):
-                return False
+        def adopt(secret: client.V1Secret) -> bool:
             fresh = new_secret(request)
-            secret.metadata.labels = {**(secret.metadata.labels or {}), **fresh.metadata.labels}
-            annotations = {
-                k: v
-                for k, v in (secret.metadata.annotations or {}).items()
-                if k not in (*DECISION_ANNOTATIONS, NOTIFIED, KEY_ALIAS, KEY_EXPIRES)
+            if recorded_state(secret) not in (RequestState.PENDING, RequestState.APPROVED):
+                # Denied, expired or failed, and asked for again: the request starts over.
+                secret.metadata.labels = {**(secret.metadata.labels or {}), **fresh.metadata.labels}
+                annotations = {
+                    k: v
+                    for k, v in (secret.metadata.annotations or {}).items()
+                    if k not in (*DECISION_ANNOTATIONS, NOTIFIED, KEY_ALIAS, KEY_EXPIRES)
+                }
+                secret.metadata.annotations = {**annotations, **fresh.metadata.annotations}
+                secret.data = None
+                return True
+            # Live already. A Secret written by the polling service, or by hand, lacks some of
+            # our labels and annotations: add them, leaving whatever it has.
+            # (The client's models copy a dict on assignment: edit copies, then assign.)
+            labels = dict(secret.metadata.labels or {})
+            annotations = dict(secret.metadata.annotations or {})
+            missing_labels = {k: v for k, v in fresh.metadata.labels.items() if k not in labels}
+            missing_annotations = {
+                k: v for k, v in fresh.metadata.annotations.items() if k not in annotations
             }
-            secret.metadata.annotations = {**annotations, **fresh.metadata.annotations}
-            secret.data = None
-            return True
+            state = recorded_state(secret).value
+            for key in (RECORDED_STATE_LABEL, STATE_LABEL):
+                if key in missing_labels:
+                    missing_labels[key] = state
+            if STATE_ANNOTATION in missing_annotations:
+                missing_annotations[STATE_ANNOTATION] = state
+            secret.metadata.labels = {**labels, **missing_labels}
+            secret.metadata.annotations = {**annotations, **missing_annotations}
+            return bool(missing_labels or missing_annotations)
 
-        secret = await self.store.update(name, restart_if_closed)
+        secret = await self.store.update(name, adopt)
         if secret is None:  # deleted between our create and read: try again from the top
             raise RuntimeError(f"secret {name} vanished while recording the request; retrying")
         state = recorded_state(secret)

@@ -38,7 +38,15 @@ def serve_in_thread(
     """Start `app` with uvicorn in a daemon thread and return once it accepts connections."""
     port = port or free_port(host)
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", lifespan=lifespan, **(ssl or {})
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        lifespan=lifespan,
+        # Longer than any pause between a test's requests, so a pooled connection is not
+        # closed by the server just as the client reuses it.
+        timeout_keep_alive=120,
+        **(ssl or {}),
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"asgi-{port}", daemon=True)

@@ -110,6 +110,8 @@ def settings(temporal_server, kube, litellm, mail) -> Settings:
         approval_rules=RULES,
         approval_default="manual",
         approval_deadline="1h",
+        # The scheduled reconciler stays out of the way; tests run it when they mean to.
+        approval_queue_interval="24h",
         admin_token=ADMIN_TOKEN,
     )
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from conftest import unique_email
 
 from api.main import create_app
+from conftest import unique_email
 from devstack.http import free_port, serve_in_thread
 
 

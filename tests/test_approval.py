@@ -8,14 +8,15 @@ import subprocess
 
 import httpx
 import pytest
-from conftest import mail_to, secret_of, unique_email, wait_until
 from pydantic import SecretStr
-from test_key_request_flow import KEY, plain, submit
 
 from api.main import create_app
+from conftest import mail_to, secret_of, unique_email, wait_until
 from devstack.http import serve_in_thread
 from devstack.temporal import binary
-from domain import Review, workflow_id
+from domain import KeyRequest, Review, request_id_for, workflow_id
+from test_key_request_flow import KEY, plain, submit
+from workflows.key_request import KeyRequestWorkflow
 
 
 async def pending_request(api) -> tuple[str, str]:
@@ -196,3 +197,20 @@ async def test_unknown_request_cannot_be_decided(api, admin_headers):
 )
 def test_test_policy_rules(settings, email, model, decision, rule):
     assert settings.decide(email, model)[::2] == (decision, rule)
+
+
+async def test_a_decision_delivered_with_the_start_is_kept(temporal_client, settings, mail, kube):
+    """Signal-with-start (how the reconciler relays kubectl decisions to a stopped request)."""
+    email = unique_email("manual.example.com")
+    request_id = request_id_for(email, "gpt-4o", "signal-with-start")
+    handle = await temporal_client.start_workflow(
+        KeyRequestWorkflow.run,
+        KeyRequest(request_id, email, "gpt-4o", "2026-01-01T00:00:00Z"),
+        id=workflow_id(request_id),
+        task_queue=settings.temporal_task_queue,
+        start_signal="approve",
+        start_signal_args=[Review(reviewer="dave")],
+    )
+    assert (await handle.result()).state == "approved"
+    [message] = await mail_to(mail, email)
+    assert "approved by dave" in plain(message)

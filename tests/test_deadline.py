@@ -6,13 +6,13 @@ import asyncio
 import uuid
 from datetime import timedelta
 
-from conftest import mail_to, secret_of, unique_email
 from temporalio.testing import WorkflowEnvironment
-from test_key_request_flow import plain
 
 from activities.kubernetes import SecretStore
+from conftest import mail_to, secret_of, unique_email
 from devstack.temporal import binary
 from domain import KeyRequest, RequestState, request_id_for, workflow_id
+from test_key_request_flow import plain
 from worker import run_worker
 from workflows.key_request import KeyRequestWorkflow
 

@@ -7,7 +7,6 @@ import base64
 import re
 
 from conftest import history_bytes, mail_to, secret_of, unique_email, wait_until
-
 from domain import workflow_id
 from workflows.key_request import KeyRequestWorkflow
 

@@ -11,12 +11,12 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import mail_to, unique_email
 from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
-from test_key_request_flow import submit
 
+from conftest import mail_to, unique_email
 from domain import Review, workflow_id
+from test_key_request_flow import submit
 from workflows.key_request import KeyRequestWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"

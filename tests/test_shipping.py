@@ -646,7 +646,7 @@ def test_kustomize_renders_the_manifests():
 
 
 def test_the_readme_gives_the_search_attribute_commands():
-    readme = (DEPLOY / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     for attribute in SEARCH_ATTRIBUTES:
         assert f"temporal operator search-attribute create --name {attribute.name}" in readme
         assert attribute.name in readme.split("tcld", 1)[1]

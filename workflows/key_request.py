@@ -55,15 +55,17 @@ EMAIL = dict(
 
 @workflow.defn
 class KeyRequestWorkflow:
-    def __init__(self) -> None:
-        self._status: RequestStatus | None = None
+    @workflow.init
+    def __init__(self, request: KeyRequest) -> None:
+        # Built here, not in run(): a signal delivered with the start (signal-with-start, or
+        # simply sent at once) is handled before run() begins.
+        self._status = RequestStatus(
+            request.request_id, RequestState.PENDING, request.model, request.requested_at
+        )
         self._decision: Decision | None = None
 
     @workflow.run
     async def run(self, request: KeyRequest) -> FinalState:
-        self._status = RequestStatus(
-            request.request_id, RequestState.PENDING, request.model, request.requested_at
-        )
         self._set_state(RequestState.PENDING)
 
         recorded = await workflow.execute_activity_method(

@@ -1,0 +1,187 @@
+"""The reconciler's work on one page of Secrets: compare with Temporal, act on the difference.
+
+One activity call handles a whole page, and Temporal is asked once per page through visibility
+(never one describe per Secret), so a run costs pages, not Secrets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime
+
+from kubernetes import client as k8s
+from temporalio import activity
+from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
+
+from activities.key_request import (
+    EMAIL,
+    MODEL,
+    REQUESTED_AT,
+    decision_of,
+    now_iso,
+    recorded_state,
+    set_state,
+)
+from activities.kubernetes import SecretStore
+from domain import (
+    COMPONENT,
+    COMPONENT_LABEL,
+    RECORDED_STATE_LABEL,
+    SA_MODEL,
+    SA_STATE,
+    SECRET_PREFIX,
+    SIGNAL_APPROVE,
+    SIGNAL_DENY,
+    STATE_LABEL,
+    KeyRequest,
+    ReconcileCounts,
+    ReconcilePage,
+    ReconcilePageResult,
+    RequestState,
+    Review,
+    workflow_id,
+)
+from settings import Settings
+
+log = logging.getLogger(__name__)
+
+SELECTORS = {
+    # Requests this service recorded as pending, whatever kubectl has done to request-state.
+    "pending": f"{COMPONENT_LABEL}={COMPONENT},{RECORDED_STATE_LABEL}=pending",
+    # Pending requests written by the older polling service, which never set recorded-state.
+    "legacy": f"{COMPONENT_LABEL}={COMPONENT},!{RECORDED_STATE_LABEL},{STATE_LABEL}=pending",
+}
+# Annotation names the polling service may have used for the same facts.
+LEGACY_EMAIL = ("email", "user-email", "requester-email")
+LEGACY_MODEL = ("llm", "model", "llm-model")
+_CONCURRENCY = 16
+
+
+def _first(annotations: dict, names: tuple[str, ...]) -> str:
+    return next((annotations[n] for n in names if annotations.get(n)), "")
+
+
+def _parse_time(value: str) -> datetime | None:
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+class ReconcileActivities:
+    def __init__(self, settings: Settings, store: SecretStore, temporal: Client) -> None:
+        self.settings = settings
+        self.store = store
+        self.temporal = temporal
+
+    @activity.defn
+    async def reconcile_page(self, page: ReconcilePage) -> ReconcilePageResult:
+        listing = await self.store.list_page(
+            SELECTORS[page.phase], page.page_size, page.continue_token
+        )
+        counts = ReconcileCounts(scanned=len(listing.items), pages=1)
+        runs = await self._latest_runs(listing.items)
+        limit = asyncio.Semaphore(_CONCURRENCY)
+
+        async def one(secret: k8s.V1Secret) -> str:
+            async with limit:
+                request_id = secret.metadata.name.removeprefix(SECRET_PREFIX)
+                return await self._reconcile(secret, runs.get(workflow_id(request_id)))
+
+        for outcome in await asyncio.gather(*(one(s) for s in listing.items)):
+            setattr(counts, outcome, getattr(counts, outcome) + 1)
+        activity.heartbeat()
+        return ReconcilePageResult(counts, listing.continue_token)
+
+    async def _latest_runs(self, secrets: list[k8s.V1Secret]) -> dict[str, WorkflowExecution]:
+        """The running run of each request's workflow, else its latest closed run."""
+        ids = [workflow_id(s.metadata.name.removeprefix(SECRET_PREFIX)) for s in secrets]
+        if not ids:
+            return {}
+        quoted = ", ".join(f"'{i}'" for i in ids)
+        latest: dict[str, WorkflowExecution] = {}
+        async for run in self.temporal.list_workflows(
+            f"WorkflowType = 'KeyRequestWorkflow' AND WorkflowId IN ({quoted})"
+        ):
+            known = latest.get(run.id)
+            if known is None or _rank(run) > _rank(known):
+                latest[run.id] = run
+        return latest
+
+    async def _reconcile(self, secret: k8s.V1Secret, run: WorkflowExecution | None) -> str:
+        running = run is not None and run.status == WorkflowExecutionStatus.RUNNING
+        labels = secret.metadata.labels or {}
+        annotations = secret.metadata.annotations or {}
+        relabelled = labels.get(STATE_LABEL) in ("approved", "denied") and not decision_of(secret)
+
+        if relabelled:
+            await self._start(secret, signal=labels[STATE_LABEL])
+            return "relayed"
+        if running:
+            return "in_flight"
+        if run is not None and run.status == WorkflowExecutionStatus.COMPLETED:
+            final = run.typed_search_attributes.get(SA_STATE)
+            requested = _parse_time(annotations.get(REQUESTED_AT, ""))
+            # Only if that run served this Secret's request, not an earlier one.
+            if final and final != "pending" and (requested is None or run.close_time >= requested):
+                await self._correct(secret.metadata.name, RequestState(final))
+                return "corrected"
+        return await self._start(secret)
+
+    async def _start(self, secret: k8s.V1Secret, signal: str | None = None) -> str:
+        """Start the request's workflow again, or signal the running one (never a duplicate)."""
+        annotations = secret.metadata.annotations or {}
+        email = annotations.get(EMAIL) or _first(annotations, LEGACY_EMAIL)
+        model = annotations.get(MODEL) or _first(annotations, LEGACY_MODEL)
+        if not email or not model:
+            log.warning("secret %s has no email or model annotation; cannot resume it",
+                        secret.metadata.name)  # fmt: skip
+            return "skipped"
+        request_id = secret.metadata.name.removeprefix(SECRET_PREFIX)
+        created = secret.metadata.creation_timestamp
+        requested_at = annotations.get(REQUESTED_AT) or (
+            created.isoformat().replace("+00:00", "Z") if created else now_iso()
+        )
+        signal_args = {}
+        if signal is not None:
+            reason = annotations.get("llm-key-requestor/reason", "")
+            signal_args = {
+                "start_signal": SIGNAL_APPROVE if signal == "approved" else SIGNAL_DENY,
+                "start_signal_args": [Review(reviewer="kubectl", reason=reason)],
+            }
+        await self.temporal.start_workflow(
+            "KeyRequestWorkflow",
+            KeyRequest(request_id, email, model, requested_at),
+            id=workflow_id(request_id),
+            task_queue=self.settings.temporal_task_queue,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            search_attributes=TypedSearchAttributes(
+                [
+                    SearchAttributePair(SA_STATE, RequestState.PENDING.value),
+                    SearchAttributePair(SA_MODEL, model),
+                ]
+            ),
+            **signal_args,
+        )
+        return "resumed"
+
+    async def _correct(self, name: str, state: RequestState) -> None:
+        def align(secret: k8s.V1Secret) -> bool:
+            if recorded_state(secret) is not RequestState.PENDING:
+                return False
+            set_state(secret, state)
+            return True
+
+        await self.store.update(name, align)
+
+
+def _rank(run: WorkflowExecution) -> tuple:
+    return (run.status == WorkflowExecutionStatus.RUNNING, run.start_time)
