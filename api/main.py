@@ -15,6 +15,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -32,7 +33,7 @@ from api.schemas import (
     RequestStatusOut,
     ReviewIn,
 )
-from api.service import AlreadyDecided, KeyRequests, UnknownRequest
+from api.service import AlreadyDecided, BadPageToken, KeyRequests, UnknownRequest
 from connection import connect_temporal
 from domain import Decision, RequestState, RequestStatus, is_request_id, workflow_id
 from settings import Settings, load_settings
@@ -40,6 +41,7 @@ from settings import Settings, load_settings
 log = logging.getLogger("api")
 
 ERRORS = {
+    400: {"model": ErrorOut, "description": "The body is not readable JSON text"},
     401: {"model": ErrorOut, "description": "No bearer token"},
     403: {"model": ErrorOut, "description": "Wrong token, or the admin API is disabled"},
     404: {"model": ErrorOut, "description": "No such request"},
@@ -234,6 +236,11 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
     async def unknown(_: Request, exc: UnknownRequest) -> JSONResponse:
         return JSONResponse({"message": f"no request {exc.args[0]}"}, 404)
 
+    @app.exception_handler(BadPageToken)
+    async def bad_token(_: Request, exc: BadPageToken) -> JSONResponse:
+        message = "page_token: not a token from this listing; start again without page_token"
+        return JSONResponse({"message": message}, 422)
+
     @app.exception_handler(AlreadyDecided)
     async def decided(_: Request, exc: AlreadyDecided) -> JSONResponse:
         return JSONResponse({"message": str(exc)}, 409)
@@ -297,6 +304,18 @@ class BodySizeLimit:
         )
 
 
+def _openapi(app: FastAPI, settings: Settings) -> dict:
+    """The generated schema, plus what only the configuration knows: the valid model ids."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        llm = schema["components"]["schemas"]["KeyRequestIn"]["properties"]["llm"]
+        llm["enum"] = settings.model_ids
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
 
@@ -314,6 +333,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.openapi = lambda: _openapi(app, settings)
     app.include_router(public)
     app.include_router(admin)
     _install_error_handlers(app, settings)

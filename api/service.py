@@ -7,7 +7,9 @@ permissions to "start, query, update and list workflows".
 from __future__ import annotations
 
 import base64
-from datetime import UTC, datetime
+import hashlib
+import hmac
+from datetime import UTC, datetime, timedelta
 
 from temporalio.client import (
     Client,
@@ -44,6 +46,8 @@ from settings import Settings
 from workflows.key_request import KeyRequestWorkflow
 
 _UNREACHABLE = (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED)
+# Bounds every read the API makes, so a caller always gets an answer.
+_RPC = timedelta(seconds=10)
 
 
 class UnknownRequest(Exception):
@@ -52,6 +56,10 @@ class UnknownRequest(Exception):
 
 class AlreadyDecided(Exception):
     pass
+
+
+class BadPageToken(Exception):
+    """A page_token that Temporal cannot continue from (mangled, or from another query)."""
 
 
 def _now() -> str:
@@ -121,7 +129,7 @@ class KeyRequests:
             raise UnknownRequest(request_id)
         handle = self.client.get_workflow_handle(workflow_id(request_id), run_id=desc.run_id)
         try:
-            return await handle.query(QUERY_STATUS, result_type=RequestStatus)
+            return await handle.query(QUERY_STATUS, result_type=RequestStatus, rpc_timeout=_RPC)
         except RPCError:
             # No worker to answer right now: visibility still knows state and model.
             return _visible_status(desc)
@@ -155,11 +163,31 @@ class KeyRequests:
         query = f"WorkflowType = '{KeyRequestWorkflow.__name__}'"
         if state is not None:
             query += f" AND {SA_STATE.name} = '{state.value}'"
-        token = base64.urlsafe_b64decode(page_token) if page_token else None
+        token = self._open_token(page_token) if page_token else None
         iterator = self.client.list_workflows(
-            query, page_size=page_size, next_page_token=token, limit=None
+            query, page_size=page_size, next_page_token=token, limit=None, rpc_timeout=_RPC
         )
         await iterator.fetch_next_page()
         rows = [_visible_status(execution) for execution in iterator.current_page or []]
         next_token = iterator.next_page_token
-        return rows, base64.urlsafe_b64encode(next_token).decode() if next_token else None
+        return rows, self._seal_token(next_token) if next_token else None
+
+    # Page tokens are Temporal's, signed: a forged or mangled one is refused here instead of
+    # costing Temporal a failing query (which the client would retry for seconds).
+
+    def _mac(self, raw: bytes) -> bytes:
+        key = self.settings.request_id_key.get_secret_value().encode()
+        return hmac.new(key, raw, hashlib.sha256).digest()[:16]
+
+    def _seal_token(self, raw: bytes) -> str:
+        return base64.urlsafe_b64encode(self._mac(raw) + raw).decode()
+
+    def _open_token(self, token: str) -> bytes:
+        try:
+            sealed = base64.urlsafe_b64decode(token.encode("ascii"))
+        except (ValueError, UnicodeEncodeError):
+            raise BadPageToken() from None
+        mac, raw = sealed[:16], sealed[16:]
+        if not raw or not hmac.compare_digest(mac, self._mac(raw)):
+            raise BadPageToken()
+        return raw

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -149,10 +150,77 @@ def api_url(settings, temporal_server) -> Iterator[str]:
     served.stop()
 
 
+class Captured(logging.Handler):
+    """Every log record of the session, formatted with its traceback."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+
+    # The stand-ins play the remote side (the mail server must receive the key); only the
+    # service's own logs, client libraries included, are held to "no key".
+    REMOTE_SIDE = ("mail.log", "devstack")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not record.name.startswith(self.REMOTE_SIDE):
+            self.lines.append(self.format(record))
+
+
 @pytest.fixture(scope="session")
-async def api(api_url, worker) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=api_url, timeout=30) as client:
+def captured_logs() -> Iterator[Captured]:
+    handler = Captured()
+    root = logging.getLogger()
+    previous = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    yield handler
+    root.removeHandler(handler)
+    root.setLevel(previous)
+
+
+@pytest.fixture(scope="session")
+def responses() -> list[bytes]:
+    """Every body the API answered to the tests' client."""
+    return []
+
+
+@pytest.fixture(scope="session")
+async def api(api_url, worker, responses) -> AsyncIterator[httpx.AsyncClient]:
+    async def keep(response: httpx.Response) -> None:
+        responses.append(await response.aread())
+
+    async with httpx.AsyncClient(
+        base_url=api_url, timeout=30, event_hooks={"response": [keep]}
+    ) as client:
         yield client
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def no_key_leaks(litellm, temporal_client, captured_logs, responses):
+    """After every test: no key LiteLLM minted may appear outside the Secret and the email.
+
+    Checked over the whole session, failure paths included: every log record (API and worker
+    run in this process), every API response body, and every event of every workflow history.
+    """
+    yield
+    keys = [k["key"] for k in litellm.keys() if k.get("key")]
+    histories = b""
+    async for execution in temporal_client.list_workflows():
+        handle = temporal_client.get_workflow_handle(execution.id, run_id=execution.run_id)
+        histories += _raw(await handle.fetch_history())
+    logs = "\n".join(captured_logs.lines)
+    bodies = b"\n".join(responses)
+    for key in keys:
+        assert key not in logs, "a minted key appeared in the logs"
+        assert key.encode() not in bodies, "a minted key appeared in an API response"
+        assert key.encode() not in histories, "a minted key appeared in a workflow history"
+
+
+def _raw(history) -> bytes:
+    from temporalio.api.history.v1 import History
+
+    return History(events=history.events).SerializeToString()
 
 
 @pytest.fixture

@@ -119,3 +119,24 @@ async def test_temporal_unreachable_is_503_json(settings):
             assert (await client.get("/health")).status_code == 200
     finally:
         served.stop()
+
+
+async def test_look_alike_domain_does_not_ride_an_approval_rule(api, settings):
+    # "аpprove" with a Cyrillic "а": a different domain that a person may not tell apart.
+    email = "jane@\u0430pprove.example.com"
+    response = await api.post("/api/request-key", json={"email": email, "llm": "gpt-4o-mini"})
+    if response.status_code == 422:
+        return  # refusing it outright is fine too
+    assert response.status_code == 200
+    assert settings.decide(email, "gpt-4o-mini")[0] == "manual"
+    status = (await api.get(f"/api/requests/{response.json()['request_id']}")).json()
+    assert status["state"] == "pending" and status["decision_source"] == ""
+
+
+async def test_forged_page_token_is_refused_at_once(api, admin_headers):
+    for token in ("not-base64!", "AAAA", "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFB"):
+        response = await api.get(
+            "/api/admin/requests", params={"page_token": token}, headers=admin_headers
+        )
+        assert response.status_code == 422
+        assert response.json()["message"].startswith("page_token:")
