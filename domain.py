@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -73,8 +74,12 @@ def request_id_from_workflow_id(wf_id: str) -> str:
     return wf_id.removeprefix(WORKFLOW_ID_PREFIX)
 
 
+_REQUEST_ID = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
 def is_request_id(value: str) -> bool:
-    return len(value) == 20 and all(c in "0123456789abcdef" for c in value)
+    """Ours are 20 hex characters; the polling service's were UUIDs. Both fit a DNS label."""
+    return _REQUEST_ID.fullmatch(value) is not None
 
 
 @dataclass

@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 from contextlib import AsyncExitStack
+from datetime import timedelta
 
 import httpx
 from temporalio.client import (
@@ -123,7 +124,9 @@ async def run_worker(
             task_queue=settings.temporal_task_queue,
             workflows=[KeyRequestWorkflow, ReconcileWorkflow],
             activities=build_activities(settings, store, http, client),
-            graceful_shutdown_timeout=settings.litellm_timeout,
+            # On SIGTERM, running activities get this long to finish before they are cancelled
+            # (and retried elsewhere); every one of ours is idempotent either way.
+            graceful_shutdown_timeout=timedelta(seconds=30),
         )
         async with worker:
             log.info(

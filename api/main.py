@@ -101,7 +101,7 @@ def _out(status: RequestStatus) -> RequestStatusOut:
 
 def _checked_id(request_id: str) -> str:
     if not is_request_id(request_id):
-        raise HTTPException(404, f"no request {request_id[:40]!r}: ids are 20 hex characters")
+        raise HTTPException(404, f"no request {request_id[:40]!r}: not a request id")
     return request_id
 
 

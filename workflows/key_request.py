@@ -32,7 +32,8 @@ with workflow.unsafe.imports_passed_through():
 # Kubernetes and the mail server get retried until they answer: a request waits out an outage
 # instead of failing. Only an answer that can never change (an invalid object, LiteLLM refusing
 # the key) ends the retries.
-KUBERNETES = dict(
+# Kubernetes calls and the policy: quick, and retried until they answer.
+SHORT_CALLS = dict(
     start_to_close_timeout=timedelta(seconds=30),
     retry_policy=RetryPolicy(
         maximum_interval=timedelta(seconds=30), non_retryable_error_types=["KubernetesRejected"]
@@ -63,13 +64,14 @@ class KeyRequestWorkflow:
             request.request_id, RequestState.PENDING, request.model, request.requested_at
         )
         self._decision: Decision | None = None
+        self._expired = False
 
     @workflow.run
     async def run(self, request: KeyRequest) -> FinalState:
         self._set_state(RequestState.PENDING)
 
         recorded = await workflow.execute_activity_method(
-            KeyRequestActivities.record_request, request, **KUBERNETES
+            KeyRequestActivities.record_request, request, **SHORT_CALLS
         )
         if recorded.state is RequestState.APPROVED and recorded.key_minted:
             # Resumed after the key was minted: only the email may still be owed.
@@ -105,7 +107,7 @@ class KeyRequestWorkflow:
         if self._decision is not None:
             return self._decision
         outcome = await workflow.execute_activity_method(
-            KeyRequestActivities.evaluate_policy, request, **KUBERNETES
+            KeyRequestActivities.evaluate_policy, request, **SHORT_CALLS
         )
         if self._decision is None and outcome.decision != "manual":
             self._decide(
@@ -122,6 +124,7 @@ class KeyRequestWorkflow:
             try:
                 await workflow.wait_condition(lambda: self._decision is not None, timeout=deadline)
             except TimeoutError:
+                self._expired = True  # from here on, a late decision is refused
                 return None
         return self._decision
 
@@ -130,7 +133,7 @@ class KeyRequestWorkflow:
         await workflow.execute_activity_method(
             KeyRequestActivities.close_request,
             FinalState(request.request_id, state, reason, self._decision),
-            **KUBERNETES,
+            **SHORT_CALLS,
         )
         self._set_state(state)
         await self._notify(request)
@@ -158,20 +161,28 @@ class KeyRequestWorkflow:
 
     @decide.validator
     def _validate_decide(self, decision: Decision) -> None:
-        if self._decision is not None:
-            verb = "approved" if self._decision.approved else "denied"
-            raise ApplicationError(f"request already {verb}", type="AlreadyDecided")
+        if self._closed_to_decisions():
+            raise ApplicationError(
+                f"request already {self._closed_to_decisions()}", type="AlreadyDecided"
+            )
 
     @workflow.query(name=QUERY_STATUS)
     def status(self) -> RequestStatus:
         return self._status
 
-    def _on_review(self, approved: bool, review: Review, source: str) -> None:
+    def _closed_to_decisions(self) -> str:
+        """What the request already is, if a decision can no longer change it."""
         if self._decision is not None:
+            return "approved" if self._decision.approved else "denied"
+        return "expired" if self._expired else ""
+
+    def _on_review(self, approved: bool, review: Review, source: str) -> None:
+        if self._closed_to_decisions():
             workflow.logger.info(
-                "ignoring %s from %r: request already decided",
+                "ignoring %s from %r: request already %s",
                 "approval" if approved else "denial",
                 review.reviewer,
+                self._closed_to_decisions(),
             )
             return
         self._decide(Decision(approved, review.reviewer, review.reason, source))
