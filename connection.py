@@ -12,9 +12,23 @@ from temporalio.api.operatorservice.v1 import (
     ListSearchAttributesRequest,
 )
 from temporalio.client import Client
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
 from temporalio.service import RPCError, TLSConfig
 
-from domain import SEARCH_ATTRIBUTES
+from domain import (
+    SA_MODEL,
+    SA_STATE,
+    SEARCH_ATTRIBUTES,
+    KeyRequest,
+    RequestState,
+    Review,
+    workflow_id,
+)
 from settings import Settings
 
 log = logging.getLogger(__name__)
@@ -83,3 +97,33 @@ async def ensure_search_attributes(client: Client) -> None:
             namespace,
             exc.message,
         )
+
+
+async def start_key_request(
+    client: Client,
+    task_queue: str,
+    request: KeyRequest,
+    signal: str | None = None,
+    review: Review | None = None,
+) -> None:
+    """Start the request's workflow, or join the running one: never two at once.
+
+    A closed run (denied, expired, failed, terminated) may be followed by a new one under the
+    same id. With `signal`, the signal reaches the running workflow or the one just started.
+    """
+    signal_args = {"start_signal": signal, "start_signal_args": [review or Review()]}
+    await client.start_workflow(
+        "KeyRequestWorkflow",
+        request,
+        id=workflow_id(request.request_id),
+        task_queue=task_queue,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        search_attributes=TypedSearchAttributes(
+            [
+                SearchAttributePair(SA_STATE, RequestState.PENDING.value),
+                SearchAttributePair(SA_MODEL, request.model),
+            ]
+        ),
+        **(signal_args if signal else {}),
+    )

@@ -13,12 +13,6 @@ from datetime import datetime
 from kubernetes import client as k8s
 from temporalio import activity
 from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus
-from temporalio.common import (
-    SearchAttributePair,
-    TypedSearchAttributes,
-    WorkflowIDConflictPolicy,
-    WorkflowIDReusePolicy,
-)
 
 from activities.key_request import (
     EMAIL,
@@ -30,11 +24,11 @@ from activities.key_request import (
     set_state,
 )
 from activities.kubernetes import SecretStore
+from connection import start_key_request
 from domain import (
     COMPONENT,
     COMPONENT_LABEL,
     RECORDED_STATE_LABEL,
-    SA_MODEL,
     SA_STATE,
     SECRET_PREFIX,
     SIGNAL_APPROVE,
@@ -149,27 +143,13 @@ class ReconcileActivities:
         requested_at = annotations.get(REQUESTED_AT) or (
             created.isoformat().replace("+00:00", "Z") if created else now_iso()
         )
-        signal_args = {}
-        if signal is not None:
-            reason = annotations.get("llm-key-requestor/reason", "")
-            signal_args = {
-                "start_signal": SIGNAL_APPROVE if signal == "approved" else SIGNAL_DENY,
-                "start_signal_args": [Review(reviewer="kubectl", reason=reason)],
-            }
-        await self.temporal.start_workflow(
-            "KeyRequestWorkflow",
+        review = Review(reviewer="kubectl", reason=annotations.get("llm-key-requestor/reason", ""))
+        await start_key_request(
+            self.temporal,
+            self.settings.temporal_task_queue,
             KeyRequest(request_id, email, model, requested_at),
-            id=workflow_id(request_id),
-            task_queue=self.settings.temporal_task_queue,
-            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            search_attributes=TypedSearchAttributes(
-                [
-                    SearchAttributePair(SA_STATE, RequestState.PENDING.value),
-                    SearchAttributePair(SA_MODEL, model),
-                ]
-            ),
-            **signal_args,
+            signal={"approved": SIGNAL_APPROVE, "denied": SIGNAL_DENY}.get(signal or ""),
+            review=review,
         )
         return "resumed"
 

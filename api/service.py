@@ -20,15 +20,10 @@ from temporalio.client import (
 from temporalio.client import (
     WorkflowExecutionStatus as Status,
 )
-from temporalio.common import (
-    SearchAttributePair,
-    TypedSearchAttributes,
-    WorkflowIDConflictPolicy,
-    WorkflowIDReusePolicy,
-)
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
+from connection import start_key_request
 from domain import (
     QUERY_STATUS,
     SA_MODEL,
@@ -106,19 +101,10 @@ class KeyRequests:
         # Denied, expired, failed or never seen: a new request under the same id. Two
         # simultaneous submissions meet here, and the conflict policy makes them one workflow.
         requested_at = _now()
-        await self.client.start_workflow(
-            KeyRequestWorkflow.run,
+        await start_key_request(
+            self.client,
+            self.settings.temporal_task_queue,
             KeyRequest(request_id, email, model, requested_at),
-            id=workflow_id(request_id),
-            task_queue=self.settings.temporal_task_queue,
-            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            search_attributes=TypedSearchAttributes(
-                [
-                    SearchAttributePair(SA_STATE, RequestState.PENDING.value),
-                    SearchAttributePair(SA_MODEL, model),
-                ]
-            ),
         )
         status = RequestStatus(request_id, RequestState.PENDING, model, requested_at)
         return status, existing is None or existing.status != Status.RUNNING
