@@ -7,7 +7,9 @@ is generated here, kept in the Secret, and never returned to the workflow.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import functools
 import logging
 import secrets
 from datetime import UTC, datetime
@@ -39,6 +41,31 @@ from domain import (
 from settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+# How often a running activity tells Temporal its worker is alive; the workflow's
+# heartbeat_timeout is a few times this (the SDK batches heartbeats to 80% of that timeout).
+HEARTBEAT_EVERY = 2.0
+
+
+def heartbeating(fn):
+    """Heartbeat while the activity runs, so that a worker that dies mid-activity is noticed
+    within the heartbeat timeout instead of after the whole start-to-close timeout."""
+
+    @functools.wraps(fn)
+    async def run(*args, **kwargs):
+        async def beat() -> None:
+            while True:
+                activity.heartbeat()
+                await asyncio.sleep(HEARTBEAT_EVERY)
+
+        beating = asyncio.create_task(beat())
+        try:
+            return await fn(*args, **kwargs)
+        finally:
+            beating.cancel()
+
+    return run
 
 
 def _a(name: str) -> str:
@@ -143,6 +170,7 @@ class KeyRequestActivities:
         self.mailer = mailer
 
     @activity.defn
+    @heartbeating
     async def record_request(self, request: KeyRequest) -> RecordedRequest:
         """Make sure the request's Secret exists, and say what it already records."""
         name = secret_name(request.request_id)
@@ -203,6 +231,7 @@ class KeyRequestActivities:
         )
 
     @activity.defn
+    @heartbeating
     async def evaluate_policy(self, request: KeyRequest) -> PolicyOutcome:
         """Apply config.yaml's approval rules; read here so a restart picks up new rules."""
         decision, reason, rule = self.settings.decide(request.email, request.model)
@@ -214,6 +243,7 @@ class KeyRequestActivities:
         )
 
     @activity.defn
+    @heartbeating
     async def mint_key(self, request: KeyRequest, decision: Decision) -> MintedKey:
         """Record the approval, mint the key in LiteLLM exactly once, mark the Secret approved."""
         name = secret_name(request.request_id)
@@ -262,6 +292,7 @@ class KeyRequestActivities:
         return MintedKey(alias, expires or None)
 
     @activity.defn
+    @heartbeating
     async def close_request(self, final: FinalState) -> None:
         """Mark the Secret denied, expired or failed, with the decision that led there."""
 
@@ -281,6 +312,7 @@ class KeyRequestActivities:
             raise RuntimeError(f"secret {secret_name(final.request_id)} is missing")
 
     @activity.defn
+    @heartbeating
     async def notify_requester(self, request_id: str) -> None:
         """Email the requester about the Secret's current state, once per state."""
         name = secret_name(request_id)

@@ -15,7 +15,8 @@ It speaks the real HTTP contract, JSON only, to the official `kubernetes` Python
   and a write that changes nothing keeps the resourceVersion, as on a real server;
 - server-side printing: `as=Table` answers with NAME/TYPE/DATA/AGE, honouring includeObject;
 - every error is a `Status` whose `code` is the HTTP status;
-- test hooks: fault injection, and the RBAC verbs requested against secrets.
+- test hooks: fault injection, the RBAC verbs requested against secrets, and a callback on
+  every stored write (to crash a client at a precise moment).
 
 Deliberately not implemented: protobuf and CBOR bodies (415 with a hint to use JSON), server-side
 apply, the `<`/`>` label operators, authentication and authorization (any token is accepted),
@@ -34,6 +35,7 @@ import re
 import threading
 import uuid
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -333,6 +335,8 @@ class SecretStore:
         self.closing = False
         self.faults: list[tuple[int, set[str] | None]] = []
         self.verbs: set[str] = set()
+        # Called as on_write(method, object) after a write is stored, before it is answered.
+        self.on_write: Callable[[str, dict], None] | None = None
 
     def notify(self) -> None:
         for loop, event in list(self.waiters):
@@ -648,6 +652,13 @@ def build_app(store: SecretStore) -> Starlette:
         except Exception as e:  # a bug in the stand-in: still answer like an API server
             return status_response(KubeError(500, f"stand-in error: {e!r}"))
 
+    async def stored(method: str, obj: dict) -> dict:
+        """Run the test's on_write hook (in a thread: it may block) before the answer goes out."""
+        hook = store.on_write
+        if hook is not None:
+            await asyncio.to_thread(hook, method, copy.deepcopy(obj))
+        return obj
+
     async def handle(request: Request) -> Response:
         ns, name = request.path_params.get("ns"), request.path_params.get("name")
         q, method = request.query_params, request.method
@@ -673,25 +684,25 @@ def build_app(store: SecretStore) -> Starlette:
             body = await read_body(request)
             if not isinstance(body, dict):
                 raise KubeError(400, "the request body must be a Secret object")
-            return json_response(store.create(ns, body), 201)
+            return json_response(await stored(method, store.create(ns, body)), 201)
         if method == "PUT":
             body = await read_body(request)
             if not isinstance(body, dict):
                 raise KubeError(400, "the request body must be a Secret object")
-            return json_response(store.update(ns, name, body))
+            return json_response(await stored(method, store.update(ns, name, body)))
         if method == "PATCH":
             body = await read_body(request)
             kind = request.headers.get("content-type", "").split(";")[0].strip()
             if kind == "application/json-patch+json":
-                return json_response(
-                    store.update(ns, name, patch=lambda cur: json_patch(cur, body))
-                )
+                updated = store.update(ns, name, patch=lambda cur: json_patch(cur, body))
+                return json_response(await stored(method, updated))
             if not isinstance(body, dict):
                 raise KubeError(400, "a merge patch must be a JSON object")
-            return json_response(store.update(ns, name, patch=lambda cur: merge_patch(cur, body)))
+            updated = store.update(ns, name, patch=lambda cur: merge_patch(cur, body))
+            return json_response(await stored(method, updated))
         if method == "DELETE" and name:
             options = await read_body(request) or {}
-            gone = store.delete(ns, name, options.get("preconditions"))
+            gone = await stored(method, store.delete(ns, name, options.get("preconditions")))
             return json_response(
                 {
                     "kind": "Status",
@@ -705,9 +716,10 @@ def build_app(store: SecretStore) -> Starlette:
             items, meta = store.list(ns, q.get("labelSelector", ""), q.get("fieldSelector", ""))
             for obj in items:
                 try:
-                    store.delete(ns, obj["metadata"]["name"])
+                    gone = store.delete(ns, obj["metadata"]["name"])
                 except KubeError:
-                    pass  # deleted meanwhile
+                    continue  # deleted meanwhile
+                await stored(method, gone)
             return json_response(
                 {"kind": "SecretList", "apiVersion": "v1", "metadata": meta, "items": items}
             )
@@ -919,9 +931,25 @@ class KubeStandin:
         with self.store.lock:
             self.store.faults.extend([(status, wanted)] * count)
 
+    def on_write(self, callback: Callable[[str, dict], None] | None) -> None:
+        """Call `callback(method, secret)` after each Secret write is stored, before the answer.
+
+        `method` is the HTTP method (POST, PUT, PATCH, DELETE) and `secret` a copy of the stored
+        (for DELETE: the deleted) object. It runs in a thread of its own, so it may block, e.g.
+        to kill the client at exactly that moment. An exception from it is answered as a 500
+        (a KubeError as its own status); the write stays stored either way. None removes it.
+        """
+        with self.store.lock:
+            self.store.on_write = callback
+
     def clear_faults(self) -> None:
         with self.store.lock:
             self.store.faults.clear()
+
+    def pending_faults(self) -> int:
+        """How many injected faults have not been answered yet."""
+        with self.store.lock:
+            return len(self.store.faults)
 
     def verbs_seen(self) -> set[str]:
         """RBAC verbs (get, list, watch, create, update, patch, delete...) asked for on secrets."""

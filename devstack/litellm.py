@@ -11,7 +11,8 @@ Implemented endpoints (shapes follow litellm's
 
 Errors carry the proxy's body ``{"error": {"message", "type", "param", "code"}}`` with the HTTP
 status equal to ``code``; request bodies of the wrong shape get FastAPI's 422 ``{"detail": [...]}``.
-Faults (``fail_next``, ``reject_next``, ``delay_next``) apply to ``/key/generate`` only.
+Faults (``fail_next``, ``reject_next``, ``delay_next``) apply to ``/key/generate`` only; so does
+the ``on_generate`` hook, called once a key exists and before the answer goes out.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import re
 import secrets
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -248,6 +250,7 @@ class LiteLLMStandin:
         self._faults: list[_Fault] = []
         self._delays: list[float] = []
         self._generate_calls = 0
+        self._on_generate: Callable[[dict], None] | None = None
         self._served: ServedApp | None = None
         self._port: int | None = None
         self._stopping = threading.Event()
@@ -349,6 +352,17 @@ class LiteLLMStandin:
         with self._cond:
             self._delays.extend([seconds] * count)
 
+    def on_generate(self, callback: Callable[[dict], None] | None) -> None:
+        """Call ``callback(record)`` after /key/generate has created (or found) a key, before
+        the answer goes out; ``record`` is what ``keys()`` lists for it.
+
+        It runs in a thread of its own, so it may block (wait for an event, kill the client)
+        without holding up other requests. An exception from it is answered as a 500; the key
+        stays minted. None removes it.
+        """
+        with self._cond:
+            self._on_generate = callback
+
     def revoke(self, alias: str) -> int:
         """Block every active key with ``alias`` (as /key/block does); returns how many."""
         with self._cond:
@@ -415,7 +429,15 @@ class LiteLLMStandin:
                 fault = self._faults.pop(0) if self._faults else None
             if fault is not None:
                 raise ProxyError(fault.status, fault.message, fault.type, fault.param)
-            response = JSONResponse(self._mint(await _parse(request, _GenerateKeyRequest)))
+            minted = self._mint(await _parse(request, _GenerateKeyRequest))
+            with self._cond:
+                hook, record = self._on_generate, self._keys[minted["token"]].record()
+            if hook is not None:
+                try:
+                    await asyncio.to_thread(hook, record)
+                except Exception as exc:  # the test's hook failed: answer as a proxy error would
+                    raise ProxyError(500, f"on_generate hook failed: {exc!r}") from None
+            response = JSONResponse(minted)
         except (ProxyError, _Unprocessable) as exc:
             response = self._answer(exc)
         with self._cond:

@@ -4,6 +4,8 @@ It accepts every message (optionally behind STARTTLS and AUTH PLAIN/LOGIN), keep
 in memory, and can also drop a copy of each message into a directory as ``NNNN-<rcpt>.eml``
 so a person running the local stack can open the mails. ``stop()`` followed by ``start()``
 serves again on the same port, which is how tests simulate the mail server going away.
+``on_data`` and ``on_accepted`` hooks let a test refuse one message, or crash the sender at the
+moment a message arrives or has just been accepted.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import secrets
 import ssl
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
@@ -50,16 +53,29 @@ class _Handler:
         if isinstance(raw, str):
             raw = raw.encode("utf-8", "surrogateescape")
         login = session.auth_data.login if isinstance(session.auth_data, LoginPassword) else None
-        self._sink._accept(
-            raw,
-            Envelope(
-                mail_from=envelope.mail_from,
-                rcpt_tos=tuple(envelope.rcpt_tos),
-                tls=session.ssl is not None,
-                auth_login=login.decode("utf-8", "replace") if login is not None else None,
-            ),
+        received = Envelope(
+            mail_from=envelope.mail_from,
+            rcpt_tos=tuple(envelope.rcpt_tos),
+            tls=session.ssl is not None,
+            auth_login=login.decode("utf-8", "replace") if login is not None else None,
         )
+        message = _parse(raw)
+        # Test hooks run in a thread of their own: they may block, e.g. to kill the sender.
+        if (before := self._sink._on_data) is not None:
+            refusal = await asyncio.to_thread(before, message, received)
+            if refusal:
+                return refusal
+        self._sink._accept(raw, received, message)
+        if (after := self._sink._on_accepted) is not None:
+            await asyncio.to_thread(after, message, received)
         return "250 2.0.0 OK: queued by mail sink"
+
+
+def _parse(raw: bytes) -> EmailMessage:
+    # SMTP carries CRLF; parse with plain newlines so bodies compare like Python text.
+    return email.message_from_bytes(  # type: ignore[return-value]
+        raw.replace(b"\r\n", b"\n"), policy=email.policy.default
+    )
 
 
 class _SinkController(Controller):
@@ -102,6 +118,8 @@ class MailSink:
         self._envelopes: list[Envelope] = []
         self._controller: Controller | None = None
         self._file_counter = 0
+        self._on_data: Callable[[EmailMessage, Envelope], str | None] | None = None
+        self._on_accepted: Callable[[EmailMessage, Envelope], None] | None = None
         if self.maildir is not None:
             self.maildir.mkdir(parents=True, exist_ok=True)
             names = (_EML_NAME.match(p.name) for p in self.maildir.glob("*.eml"))
@@ -150,6 +168,22 @@ class MailSink:
     def __exit__(self, *exc_info) -> None:
         self.stop()
 
+    # -- test hooks ------------------------------------------------------------------------
+
+    def on_data(self, callback: Callable[[EmailMessage, Envelope], str | None] | None) -> None:
+        """Call ``callback(message, envelope)`` when a message has arrived, before it is kept.
+
+        A returned SMTP reply (e.g. ``"451 4.3.0 try again later"``) refuses the message: it is
+        not kept and the sender gets that reply. None (the return value) accepts it. The
+        callback runs in a thread of its own and may block. None (the argument) removes it.
+        """
+        self._on_data = callback
+
+    def on_accepted(self, callback: Callable[[EmailMessage, Envelope], None] | None) -> None:
+        """Call ``callback(message, envelope)`` once a message is kept, before the sender is
+        told (``250``). It runs in a thread of its own and may block. None removes it."""
+        self._on_accepted = callback
+
     # -- inspection ------------------------------------------------------------------------
 
     @property
@@ -195,14 +229,13 @@ class MailSink:
                 return AuthResult(success=True, auth_data=auth_data)
         return AuthResult(success=False, handled=False)
 
-    def _accept(self, raw: bytes, envelope: Envelope) -> None:
-        # SMTP carries CRLF; parse with plain newlines so bodies compare like Python text.
-        message = email.message_from_bytes(raw.replace(b"\r\n", b"\n"), policy=email.policy.default)
+    def _accept(self, raw: bytes, envelope: Envelope, message: EmailMessage | None = None) -> None:
+        message = message if message is not None else _parse(raw)
         with self._cond:
             if self.maildir is not None:
                 self._file_counter += 1
                 rcpt = _UNSAFE_FILENAME_CHARS.sub("_", envelope.rcpt_tos[0])
                 (self.maildir / f"{self._file_counter:04d}-{rcpt}.eml").write_bytes(raw)
-            self._messages.append(message)  # type: ignore[arg-type]
+            self._messages.append(message)
             self._envelopes.append(envelope)
             self._cond.notify_all()

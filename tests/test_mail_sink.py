@@ -133,3 +133,27 @@ async def test_maildir_gets_eml_files(tmp_path: Path) -> None:
 def test_wait_for_times_out_with_a_clear_error(sink: MailSink) -> None:
     with pytest.raises(TimeoutError, match="expected 1 message"):
         sink.wait_for(1, timeout=0.05)
+
+
+async def test_hooks_see_each_message_and_can_refuse_it(sink: MailSink) -> None:
+    arrived, accepted = [], []
+
+    def before(message: EmailMessage, envelope) -> str | None:
+        arrived.append((message["Subject"], len(sink.messages)))
+        return "451 4.3.0 try again later" if message["Subject"] == "refused" else None
+
+    sink.on_data(before)
+    sink.on_accepted(lambda message, envelope: accepted.append(len(sink.messages)))
+    with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+        await deliver(sink, make_message("refused"))
+    assert refused.value.code == 451
+    await deliver(sink, make_message("kept"))
+    assert [m["Subject"] for m in sink.messages] == ["kept"]
+    # on_data runs before the message is kept, on_accepted after (and only for kept ones).
+    assert arrived == [("refused", 0), ("kept", 0)]
+    assert accepted == [1]
+
+    sink.on_data(None)
+    sink.on_accepted(None)
+    await deliver(sink, make_message("unhooked"))
+    assert len(arrived) == 2 and len(accepted) == 1 and len(sink.messages) == 2

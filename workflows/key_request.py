@@ -32,15 +32,27 @@ with workflow.unsafe.imports_passed_through():
 # Kubernetes and the mail server get retried until they answer: a request waits out an outage
 # instead of failing. Only an answer that can never change (an invalid object, LiteLLM refusing
 # the key) ends the retries.
+#
+# Two timeouts per attempt, for two different failures. start_to_close bounds an attempt whose
+# worker is alive but stuck; it must cover the slowest legitimate attempt (minting may make two
+# LiteLLM calls of up to LITELLM_TIMEOUT each, 30 s by default), so it is long. A worker that
+# dies (OOM-killed, node lost) reports nothing, and Temporal would only retry its activity when
+# start_to_close runs out: the request would stall for up to 2 minutes. The activities heartbeat
+# every few seconds (activities/key_request.py, `heartbeating`), so heartbeat_timeout notices a
+# dead worker within seconds and the retry runs on another one. Every activity is idempotent, so
+# a retry beside a live-but-slow attempt is harmless.
+HEARTBEAT = timedelta(seconds=10)
 # Kubernetes calls and the policy: quick, and retried until they answer.
 SHORT_CALLS = dict(
     start_to_close_timeout=timedelta(seconds=30),
+    heartbeat_timeout=HEARTBEAT,
     retry_policy=RetryPolicy(
         maximum_interval=timedelta(seconds=30), non_retryable_error_types=["KubernetesRejected"]
     ),
 )
 MINTING = dict(
     start_to_close_timeout=timedelta(minutes=2),
+    heartbeat_timeout=HEARTBEAT,
     retry_policy=RetryPolicy(
         maximum_interval=timedelta(minutes=1),
         non_retryable_error_types=["KeyRejected", "KubernetesRejected"],
@@ -48,6 +60,7 @@ MINTING = dict(
 )
 EMAIL = dict(
     start_to_close_timeout=timedelta(minutes=2),
+    heartbeat_timeout=HEARTBEAT,
     retry_policy=RetryPolicy(
         maximum_interval=timedelta(minutes=5), non_retryable_error_types=["KubernetesRejected"]
     ),
