@@ -11,6 +11,8 @@
 set -euo pipefail
 
 KUBE_VERSION="${KUBE_VERSION:-1.37.2}"
+# Debian's etcd 3.4 runs it too, but without the watch progress requests that let the API server
+# answer consistent lists from its cache, as it does on every supported (3.5+) cluster.
 ETCD_VERSION="${ETCD_VERSION:-3.6.16}"
 CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/llm-key-requestor"
 KUBE_DIR="$CACHE_ROOT/kube-$KUBE_VERSION"

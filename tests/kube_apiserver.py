@@ -55,9 +55,12 @@ def binaries() -> dict[str, Path]:
 
 def missing_binaries() -> str | None:
     """Why the real API server cannot run here (one line), or None when it can."""
-    missing = [str(path) for path in binaries().values() if not os.access(path, os.X_OK)]
+    missing = [name for name, path in binaries().items() if not os.access(path, os.X_OK)]
     if missing:
-        return f"{', '.join(missing)} not built; run scripts/build-kube-apiserver.sh (needs Go)"
+        return (
+            f"{' and '.join(missing)} not built in {cache_root()}; "
+            "run scripts/build-kube-apiserver.sh (needs Go)"
+        )
     return None
 
 
