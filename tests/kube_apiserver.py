@@ -130,7 +130,6 @@ class KubeAPIServer:
                 "--service-account-key-file", str(sa_key),
                 "--service-account-signing-key-file", str(sa_key),
                 "--service-cluster-ip-range", "10.0.0.0/24",
-                "--cert-dir", str(self.workdir / "certs"),
                 "--profiling=false",
             ],
         )  # fmt: skip
@@ -142,10 +141,12 @@ class KubeAPIServer:
         return ssl.create_default_context(cafile=str(self.ca_file))
 
     def _spawn(self, name: str, command: list[str]) -> None:
-        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
-        self.processes.append(
-            subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        )
+        with open(self.workdir / f"{name}.log", "ab") as log:  # the child keeps its own copy
+            self.processes.append(
+                subprocess.Popen(
+                    command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            )
 
     def _wait(self, name: str, url: str, deadline: float, verify: ssl.SSLContext | bool) -> None:
         """Poll a health endpoint until it answers 200; fail with the log's tail otherwise."""
