@@ -261,7 +261,9 @@ class KeyRequestActivities:
 
         secret = await self.store.update(name, reserve)
         if secret is None:
-            raise RuntimeError(f"secret {name} is missing; it is recreated on the next attempt")
+            # Deleted by hand while the request waited: record the request again, then go on.
+            await self.store.create(new_secret(request))
+            raise RuntimeError(f"secret {name} was missing and is recreated; retrying")
         annotations = secret.metadata.annotations
         if annotations.get(KEY_ALIAS) and recorded_state(secret) is RequestState.APPROVED:
             return MintedKey(annotations[KEY_ALIAS], annotations.get(KEY_EXPIRES) or None)

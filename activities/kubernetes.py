@@ -8,6 +8,7 @@ activity attempt, a kubectl relabel) is never overwritten: the write is redone o
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -116,14 +117,36 @@ class SecretStore:
     async def list_page(
         self, label_selector: str, limit: int, continue_token: str | None = None
     ) -> SecretPage:
-        try:
-            result = await self._call(
-                self.api.list_namespaced_secret,
-                self.namespace,
-                label_selector=label_selector,
-                limit=limit,
-                _continue=continue_token or None,
-            )
-        except ApiException as exc:
-            raise _explain(exc, f"listing secrets ({label_selector})") from None
-        return SecretPage(result.items, result.metadata._continue or None)
+        """One page of the Secrets matching `label_selector`, and the token for the next one.
+
+        A token older than etcd's history (the API server compacts it every 5 minutes by
+        default) is answered 410 Gone, with a token that continues from the same place, no longer
+        as one snapshot of the list. The listing carries on with that: the reconciler takes each
+        Secret on its own, so it needs every Secret once, not one consistent snapshot.
+        """
+        for _ in range(2):
+            try:
+                result = await self._call(
+                    self.api.list_namespaced_secret,
+                    self.namespace,
+                    label_selector=label_selector,
+                    limit=limit,
+                    _continue=continue_token or None,
+                )
+                return SecretPage(result.items, result.metadata._continue or None)
+            except ApiException as exc:
+                if exc.status != 410 or not continue_token:
+                    raise _explain(exc, f"listing secrets ({label_selector})") from None
+                log.info("continue token expired listing secrets (%s); continuing", label_selector)
+                continue_token = _continue_after_expiry(exc)
+        raise RuntimeError(
+            f"Kubernetes API: listing secrets ({label_selector}) expired twice in a row"
+        )
+
+
+def _continue_after_expiry(exc: ApiException) -> str | None:
+    """The token a 410 offers to go on from (None: start the list again)."""
+    try:
+        return json.loads(exc.body)["metadata"]["continue"] or None
+    except (TypeError, ValueError, KeyError):
+        return None

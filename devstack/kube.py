@@ -1,26 +1,31 @@
 """An in-memory stand-in for the Kubernetes API: core/v1 Secrets, for the service and for kubectl.
 
 It speaks the real HTTP contract, JSON only, to the official `kubernetes` Python client and to
-`kubectl` (see tests/conformance/test_kubernetes_api.py, which also runs against real clusters):
+`kubectl` (tests/conformance/test_kubernetes_api.py runs the same tests against it and against a
+real kube-apiserver):
 
 - discovery: /version, /api, /api/v1 (secrets; namespaces), /apis (no groups), /healthz,
   /readyz, /livez. Aggregated discovery is not offered: kubectl falls back to these legacy forms;
-- Secrets, one lock and one global resourceVersion: create (201; AlreadyExists; Invalid names),
+- Secrets, one lock and one global resourceVersion: create (201; AlreadyExists; 422 Invalid
+  with the API server's causes for names, label keys and values, annotation keys, data keys, and
+  the 256 KiB annotation and 1 MiB data limits),
   get, replace (PUT; 409 Conflict on a stale metadata.resourceVersion), patch (JSON merge patch;
   strategic merge patch treated as a merge patch, which is what it amounts to for Secrets;
   RFC 6902 JSON patch), delete (with preconditions), deletecollection, list (set-based label
   selectors; metadata.name, metadata.namespace and type field selectors; limit/continue paging
-  over a snapshot of membership) and watch (newline-delimited events, resumable from a
-  resourceVersion, sendInitialEvents with its closing BOOKMARK). stringData folds into data,
-  and a write that changes nothing keeps the resourceVersion, as on a real server;
+  over a snapshot of membership, remainingItemCount only without selectors; a token from before
+  a compaction is 410 Expired with a token to go on inconsistently) and watch (newline-delimited
+  events, resumable from a resourceVersion, sendInitialEvents with its closing BOOKMARK).
+  stringData folds into data, and a write that changes nothing keeps the resourceVersion, as on
+  a real server;
 - server-side printing: `as=Table` answers with NAME/TYPE/DATA/AGE, honouring includeObject;
 - every error is a `Status` whose `code` is the HTTP status;
-- test hooks: fault injection, the RBAC verbs requested against secrets, and a callback on
-  every stored write (to crash a client at a precise moment).
+- test hooks: fault injection, the RBAC verbs requested against secrets, a callback on every
+  stored write (to crash a client at a precise moment), and compaction of the history.
 
 Deliberately not implemented: protobuf and CBOR bodies (415 with a hint to use JSON), server-side
 apply, the `<`/`>` label operators, authentication and authorization (any token is accepted),
-admission, immutable Secrets, finalizers and garbage collection, expiry of continue tokens,
+admission, immutable Secrets, finalizers and garbage collection, compaction on a timer,
 OpenAPI documents (404, so `kubectl create -f` needs --validate=false) and every resource other
 than Secrets and Namespaces (which all exist, are Active and read-only).
 """
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import copy
 import json
 import re
@@ -89,16 +95,25 @@ JSON_ONLY = (
 
 
 class KubeError(Exception):
-    def __init__(self, code: int, message: str, reason: str | None = None, **details: Any) -> None:
+    def __init__(
+        self,
+        code: int,
+        message: str,
+        reason: str | None = None,
+        *,
+        metadata: dict | None = None,
+        **details: Any,
+    ) -> None:
         super().__init__(message)
         self.code, self.message, self.details = code, message, details
+        self.metadata = metadata or {}
         self.reason = REASONS.get(code, "") if reason is None else reason
 
     def status(self) -> dict:
         body = {
             "kind": "Status",
             "apiVersion": "v1",
-            "metadata": {},
+            "metadata": self.metadata,
             "status": "Failure",
             "message": self.message,
             "code": self.code,
@@ -124,6 +139,25 @@ def conflict(name: str) -> KubeError:
     )
 
 
+def continue_token(rv: int, after: tuple[str, str] | list[str]) -> str:
+    token = {"rv": rv, "start": list(after)}
+    return base64.urlsafe_b64encode(json.dumps(token).encode()).decode()
+
+
+def continue_expired(after: tuple[str, str]) -> KubeError:
+    """410 for a continue token older than the history, with one that goes on inconsistently."""
+    return KubeError(
+        410,
+        "The provided continue parameter is too old to display a consistent list result. You "
+        "can start a new list without the continue parameter, or use the continue token in this "
+        "response to retrieve the remainder of the results. Continuing with the provided token "
+        "results in an inconsistent list - objects that were created, modified, or deleted "
+        "between the time the first chunk was returned and now may show up in the list.",
+        "Expired",
+        metadata={"continue": continue_token(-1, after)},
+    )
+
+
 def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -144,20 +178,67 @@ def age(timestamp: str | None) -> str:
 # --- selectors -----------------------------------------------------------------------------
 
 
+# The API server's wording (k8s.io/apimachinery/pkg/util/validation), for errors and causes.
+def _regex_rule(what: str, examples: str, regex: re.Pattern) -> str:
+    return (
+        f"{what}, and must start and end with an alphanumeric character (e.g. {examples}, "
+        f"regex used for validation is '{regex.pattern}')"
+    )
+
+
+NAME_PART_RULE = _regex_rule(
+    "name part must consist of alphanumeric characters, '-', '_' or '.'",
+    "'MyName',  or 'my.name',  or '123-abc'",
+    LABEL_NAME,
+)
+LABEL_VALUE_RULE = _regex_rule(
+    "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.'",
+    "'MyValue',  or 'my_value',  or '12345'",
+    LABEL_VALUE,
+)
+SUBDOMAIN_RULE = _regex_rule(
+    "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.'",
+    "'example.com'",
+    DNS_SUBDOMAIN,
+)
+DATA_KEY_RULE = (
+    "a valid config key must consist of alphanumeric characters, '-', '_' or '.' (e.g. "
+    "'key.name',  or 'KEY_NAME',  or 'key-name', regex used for validation is "
+    f"'{DATA_KEY.pattern}')"
+)
+
+
+def key_errors(key: str) -> list[str]:
+    """Why `key` is no qualified name (label or annotation key); empty if it is one."""
+    prefix, slash, name = key.rpartition("/")
+    errors = []
+    if slash and not prefix:
+        errors.append("prefix part must be non-empty")
+    elif slash and (len(prefix) > 253 or not DNS_SUBDOMAIN.fullmatch(prefix)):
+        errors.append(f"prefix part {SUBDOMAIN_RULE}")
+    if not name:
+        errors.append("name part must be non-empty")
+    elif len(name) > 63:
+        errors.append("name part must be no more than 63 bytes")
+    if name and not LABEL_NAME.fullmatch(name):
+        errors.append(NAME_PART_RULE)
+    return errors
+
+
+def value_errors(value: str) -> list[str]:
+    errors = ["must be no more than 63 bytes"] if len(value) > 63 else []
+    return errors + ([] if LABEL_VALUE.fullmatch(value) else [LABEL_VALUE_RULE])
+
+
 def _check_key(key: str) -> str:
-    prefix, _, name = key.rpartition("/")
-    if (
-        not LABEL_NAME.fullmatch(name)
-        or len(name) > 63
-        or ("/" in key and (not DNS_SUBDOMAIN.fullmatch(prefix) or len(prefix) > 253))
-    ):
-        raise KubeError(400, f"invalid label key {key!r}")
+    if errors := key_errors(key):
+        raise KubeError(400, f"invalid label key {key!r}: {'; '.join(errors)}")
     return key
 
 
 def _check_value(value: str) -> str:
-    if not LABEL_VALUE.fullmatch(value) or len(value) > 63:
-        raise KubeError(400, f"invalid label value {value!r}")
+    if errors := value_errors(value):
+        raise KubeError(400, f"invalid label value {value!r}: {'; '.join(errors)}")
     return value
 
 
@@ -225,7 +306,8 @@ def parse_field_selector(text: str) -> list[tuple[str, bool, str]]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         match = re.fullmatch(r"([^=!]+?)\s*(==|=|!=)\s*(.*)", part)
         if not match or match[1] not in fields:
-            raise KubeError(400, f"field label not supported: {part!r} (try one of {fields})")
+            field = match[1] if match else part
+            raise KubeError(400, f"field label not supported: {field} (one of {sorted(fields)})")
         reqs.append((match[1], match[2] != "!=", match[3]))
     return reqs
 
@@ -329,6 +411,8 @@ class SecretStore:
         self.lock = threading.Lock()
         self.objects: dict[tuple[str, str], dict] = {}
         self.born: dict[tuple[str, str], int] = {}  # resourceVersion at creation, for paging
+        self.keys: list[tuple[str, str]] = []  # sorted: a page starts where the last one ended
+        self.compacted = 0  # history before this resourceVersion is gone, as after etcd compacts
         self.rv = 1
         self.history: deque[tuple[int, str, dict | None, dict]] = deque(maxlen=HISTORY)
         self.waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
@@ -349,11 +433,14 @@ class SecretStore:
         if obj is None:
             del self.objects[key]
             self.born.pop(key, None)
+            del self.keys[bisect.bisect_left(self.keys, key)]
             gone = copy.deepcopy(old)
             gone["metadata"]["resourceVersion"] = str(self.rv)
             self.history.append((self.rv, "DELETED", old, gone))
         else:
             obj["metadata"]["resourceVersion"] = str(self.rv)
+            if old is None:
+                bisect.insort(self.keys, key)
             self.objects[key] = obj
             self.born.setdefault(key, self.rv)
             self.history.append((self.rv, "MODIFIED" if old else "ADDED", old, obj))
@@ -409,7 +496,11 @@ class SecretStore:
             obj = normalize(new, ns)
             meta = obj["metadata"]
             if meta.get("name", name) != name:
-                raise KubeError(400, "the name of the object does not match the name on the URL")
+                raise KubeError(
+                    400,
+                    f"the name of the object ({meta['name']}) does not match the name on the URL "
+                    f"({name})",
+                )
             wanted = meta.get("resourceVersion")
             if wanted and wanted != current["metadata"]["resourceVersion"]:
                 raise conflict(name)
@@ -448,30 +539,46 @@ class SecretStore:
             if cont:
                 try:
                     token = json.loads(base64.urlsafe_b64decode(cont.encode()))
-                    list_rv, after = int(token["rv"]), tuple(token["start"])
+                    token_rv, after = int(token["rv"]), tuple(token["start"])
                 except (ValueError, KeyError, TypeError):
                     raise KubeError(400, "invalid continue token") from None
-            matching = [
-                copy.deepcopy(obj)
-                for key, obj in sorted(self.objects.items())
-                if (ns is None or key[0] == ns)
-                and (after is None or key > after)
-                and self.born[key] <= list_rv  # a continued list is a snapshot of membership
-                and selected(obj, label_reqs, field_reqs)
-            ]
+                if token_rv != -1 and token_rv < self.compacted:
+                    raise continue_expired(after)
+                if token_rv != -1:  # -1: go on from `after` at the latest resourceVersion
+                    list_rv = token_rv
+            # Only the page is copied, and the scan stops after it: paging through n Secrets
+            # costs O(n), not O(n^2 / limit).
+            first, end = 0, len(self.keys)
+            if ns is not None:  # keys sort by namespace first
+                first = bisect.bisect_left(self.keys, (ns, ""))
+                end = bisect.bisect_left(self.keys, (ns + "\x00", ""))
+            if after is not None:
+                first = max(first, bisect.bisect_right(self.keys, after))
+            page: list[dict] = []
+            stopped_at = None
+            for i in range(first, end):
+                key = self.keys[i]
+                obj = self.objects[key]
+                if self.born[key] > list_rv or not selected(obj, label_reqs, field_reqs):
+                    continue  # a continued list is a snapshot of membership
+                if 0 < limit == len(page):
+                    stopped_at = i
+                    break
+                page.append(copy.deepcopy(obj))
         meta: dict[str, Any] = {"resourceVersion": str(list_rv)}
-        if 0 < limit < len(matching):
-            last = matching[limit - 1]["metadata"]
-            token = {"rv": list_rv, "start": [last["namespace"], last["name"]]}
-            meta["continue"] = base64.urlsafe_b64encode(json.dumps(token).encode()).decode()
-            meta["remainingItemCount"] = len(matching) - limit
-            matching = matching[:limit]
-        return matching, meta
+        if stopped_at is not None:
+            last = page[-1]["metadata"]
+            meta["continue"] = continue_token(list_rv, (last["namespace"], last["name"]))
+            if not label_reqs and not field_reqs:
+                # As etcd counts it; with a selector the real server gives no count at all.
+                meta["remainingItemCount"] = end - stopped_at
+        return page, meta
 
     def events_since(self, rv: int, ns: str | None, labels: list, fields: list) -> list:
         """Watch events after `rv`, seen through the selectors (leaving a selection = DELETED)."""
         with self.lock:
-            if len(self.history) == HISTORY and rv < self.history[0][0] - 1:
+            too_old = len(self.history) == HISTORY and rv < self.history[0][0] - 1
+            if too_old or rv < self.compacted:
                 raise KubeError(410, f"too old resource version: {rv}", "Expired")
             out = []
             for event_rv, kind, old, new in self.history:
@@ -515,33 +622,66 @@ def normalize(body: dict, ns: str) -> dict:
     return obj
 
 
+ANNOTATIONS_LIMIT = 256 * 1024  # bytes, keys and values together
+DATA_LIMIT = 1024 * 1024  # bytes of decoded data
+
+
 def validate(obj: dict) -> None:
+    """The API server's checks on a Secret: 422 Invalid with one cause per problem."""
     meta, name = obj["metadata"], obj["metadata"].get("name") or ""
-    problems = []
+    causes: list[dict] = []
+
+    def invalid(field: str, value: Any, detail: str) -> None:
+        message = f"Invalid value: {json.dumps(value)}: {detail}"
+        causes.append({"reason": "FieldValueInvalid", "message": message, "field": field})
+
+    def too_long(field: str, limit: int) -> None:
+        message = f"Too long: may not be more than {limit} bytes"
+        causes.append({"reason": "FieldValueTooLong", "message": message, "field": field})
+
     if not name:
-        problems.append("metadata.name: Required value: name or generateName is required")
-    elif len(name) > 253 or not DNS_SUBDOMAIN.fullmatch(name):
-        problems.append(
-            f"metadata.name: Invalid value: {name!r}: a lowercase RFC 1123 subdomain "
-            "must consist of lower case alphanumeric characters, '-' or '.'"
+        causes.append(
+            {
+                "reason": "FieldValueRequired",
+                "message": "Required value: name or generateName is required",
+                "field": "metadata.name",
+            }
         )
+    elif len(name) > 253 or not DNS_SUBDOMAIN.fullmatch(name):
+        invalid("metadata.name", name, SUBDOMAIN_RULE)
     for key, value in (meta.get("labels") or {}).items():
-        try:
-            _check_key(key)
-            _check_value(value if isinstance(value, str) else "!")
-        except KubeError as e:
-            problems.append(f"metadata.labels: {e.message}")
+        if errors := key_errors(key):
+            invalid("metadata.labels", key, "; ".join(errors))
+        if errors := value_errors(value if isinstance(value, str) else "!"):
+            invalid("metadata.labels", value, "; ".join(errors))
+    annotations = meta.get("annotations") or {}
+    for key in annotations:
+        if errors := key_errors(key.lower()):  # annotation keys may have capitals
+            invalid("metadata.annotations", key, "; ".join(errors))
+    if sum(len(k.encode()) + len(str(v).encode()) for k, v in annotations.items()) > (
+        ANNOTATIONS_LIMIT
+    ):
+        too_long("metadata.annotations", ANNOTATIONS_LIMIT)
+    size = 0
     for key, value in (obj.get("data") or {}).items():
-        if not DATA_KEY.fullmatch(key) or not isinstance(value, str):
-            problems.append(f"data[{key}]: Invalid value: a valid config key and a string")
-            continue
+        if not isinstance(value, str):
+            raise KubeError(400, 'Secret in version "v1" cannot be handled as a Secret')
         try:
-            base64.b64decode(value, validate=True)
+            size += len(key) + len(base64.b64decode(value, validate=True))
         except ValueError:
-            raise KubeError(400, f"illegal base64 data in data[{key}]") from None
-    if problems:
+            raise KubeError(
+                400, 'Secret in version "v1" cannot be handled as a Secret: illegal base64 data'
+            ) from None
+        if not DATA_KEY.fullmatch(key):
+            invalid(f"data[{key}]", key, DATA_KEY_RULE)
+    if size > DATA_LIMIT:
+        too_long("data", DATA_LIMIT)
+    if causes:
+        problems = [f"{c['field']}: {c['message']}" for c in causes]
+        summary = problems[0] if len(problems) == 1 else f"[{', '.join(problems)}]"
+        details: dict[str, Any] = {"name": name} if name else {}
         raise KubeError(
-            422, f'Secret "{name}" is invalid: ' + "; ".join(problems), name=name, kind="Secret"
+            422, f'Secret "{name}" is invalid: {summary}', kind="Secret", causes=causes, **details
         )
 
 
@@ -941,6 +1081,13 @@ class KubeStandin:
         """
         with self.store.lock:
             self.store.on_write = callback
+
+    def compact(self) -> int:
+        """Forget the history up to now, as etcd's compaction does: continue tokens and watches
+        from before it are answered 410 Gone. Returns the resourceVersion compacted to."""
+        with self.store.lock:
+            self.store.compacted = self.store.rv
+            return self.store.compacted
 
     def clear_faults(self) -> None:
         with self.store.lock:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from devstack.kube import KubeStandin
 from devstack.litellm import LiteLLMStandin
 from devstack.mail import MailSink
 from devstack.temporal import TemporalDevServer, connect_when_ready
+from kube_apiserver import KubeAPIServer, missing_binaries
 from settings import ApprovalRule, Settings, load_settings
 from worker import run_worker
 
@@ -72,6 +74,19 @@ def kube(tmp_path_factory) -> Iterator[KubeStandin]:
     )
     yield standin
     standin.stop()
+
+
+@pytest.fixture(scope="session")
+def kube_apiserver(tmp_path_factory) -> Iterator[KubeAPIServer]:
+    """A real kube-apiserver on etcd (RBAC on); skipped when scripts/build-kube-apiserver.sh has
+    not been run, failed instead when REQUIRE_SYSTEM_TOOLS=1 (CI)."""
+    if reason := missing_binaries():
+        if os.environ.get("REQUIRE_SYSTEM_TOOLS") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    server = KubeAPIServer(tmp_path_factory.mktemp("kube-apiserver")).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,12 @@
 """Conformance tests for the Kubernetes API contract the service and its operators rely on.
 
-By default they run against the in-memory stand-in (devstack/kube.py). Set CONFORMANCE_KUBECONFIG
-(and optionally CONFORMANCE_NAMESPACE, default "default") to run them against a real cluster
-instead: every Secret they create carries a random name prefix and a `conformance-run` label and
-is deleted afterwards. Tests marked `standin_only` exercise test hooks of the stand-in (fault
-injection, RBAC verb recording, its JSON-only hint) and are skipped on a real cluster.
+Every test runs against the in-memory stand-in (devstack/kube.py) and against a real
+kube-apiserver on etcd started by the tests (tests/kube_apiserver.py; skipped with a one-line
+reason when its binaries are not built). Set CONFORMANCE_KUBECONFIG (and optionally
+CONFORMANCE_NAMESPACE, default "default") to run them against a cluster of yours as well: every
+Secret they create carries a random name prefix and a `conformance-run` label and is deleted
+afterwards. Tests marked STANDIN_ONLY exercise test hooks of the stand-in (fault injection, RBAC
+verb recording, its JSON-only hint) and run against it alone.
 """
 
 from __future__ import annotations
@@ -27,13 +29,11 @@ from devstack.kube import KubeStandin
 
 pytestmark = pytest.mark.conformance
 
-REAL_KUBECONFIG = os.environ.get("CONFORMANCE_KUBECONFIG")
-NAMESPACE = os.environ.get("CONFORMANCE_NAMESPACE", "default") if REAL_KUBECONFIG else "default"
+EXTERNAL_KUBECONFIG = os.environ.get("CONFORMANCE_KUBECONFIG")
 KUBECTL = Path(sys.executable).parent / "kubectl"
 COMPONENT = "app.kubernetes.io/component"
-standin_only = pytest.mark.skipif(
-    bool(REAL_KUBECONFIG), reason="stand-in test hook; not available on a real cluster"
-)
+SERVERS = ["standin", "kube-apiserver", *(["external"] if EXTERNAL_KUBECONFIG else [])]
+STANDIN_ONLY = pytest.mark.parametrize("cluster", ["standin"], indirect=True)
 
 
 def b64(text: str) -> str:
@@ -51,6 +51,9 @@ class Kube:
     kubectl: Callable[..., subprocess.CompletedProcess]
     standin: KubeStandin | None
     run: str  # random prefix of this run's Secret names and value of its `conformance-run` label
+    namespace: str
+    # Compacts the server's history (None where the tests cannot: a cluster of yours).
+    compact: Callable[[], object] | None
 
     def name(self, suffix: str) -> str:
         return f"{self.run}-{suffix}"
@@ -61,33 +64,38 @@ class Kube:
             "labels": {"conformance-run": self.run, **(labels or {})},
         }
         meta.update(fields.pop("metadata", {}))
-        return self.api.create_namespaced_secret(NAMESPACE, {"metadata": meta, **fields})
+        return self.api.create_namespaced_secret(self.namespace, {"metadata": meta, **fields})
 
     def get(self, suffix: str) -> client.V1Secret:
-        return self.api.read_namespaced_secret(self.name(suffix), NAMESPACE)
+        return self.api.read_namespaced_secret(self.name(suffix), self.namespace)
 
     def names(self, selector: str, **kwargs) -> list[str]:
         selector = ",".join(filter(None, [f"conformance-run={self.run}", selector]))
-        found = self.api.list_namespaced_secret(NAMESPACE, label_selector=selector, **kwargs)
+        found = self.api.list_namespaced_secret(self.namespace, label_selector=selector, **kwargs)
         return [s.metadata.name.removeprefix(f"{self.run}-") for s in found.items]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
+@pytest.fixture(scope="module", params=SERVERS)
+def cluster(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[Kube]:
     tmp = tmp_path_factory.mktemp("kube")
-    standin = None
-    if REAL_KUBECONFIG:
-        kubeconfig = Path(REAL_KUBECONFIG)
+    standin, namespace, compact = None, "default", None
+    if request.param == "external":
+        kubeconfig = Path(EXTERNAL_KUBECONFIG or "")
+        namespace = os.environ.get("CONFORMANCE_NAMESPACE", "default")
+    elif request.param == "kube-apiserver":
+        server = request.getfixturevalue("kube_apiserver")
+        kubeconfig, compact = server.admin_kubeconfig, server.compact_etcd
     else:
         standin = KubeStandin()
         standin.start()
-        kubeconfig = standin.write_kubeconfig(tmp / "kubeconfig", NAMESPACE)
+        kubeconfig = standin.write_kubeconfig(tmp / "kubeconfig", namespace)
+        compact = standin.compact
     api_client = config.new_client_from_config(config_file=str(kubeconfig))
 
     def kubectl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
         command = [str(KUBECTL), "--kubeconfig", str(kubeconfig), "--cache-dir", str(tmp / "cache")]
         done = subprocess.run(
-            [*command, "--namespace", NAMESPACE, *args],
+            [*command, "--namespace", namespace, *args],
             capture_output=True,
             text=True,
             timeout=30,
@@ -97,14 +105,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
             raise AssertionError(f"kubectl {' '.join(args)} failed:\n{done.stderr}")
         return done
 
-    cluster = Kube(client.CoreV1Api(api_client), kubectl, standin, f"conf-{uuid.uuid4().hex[:8]}")
+    run = f"conf-{uuid.uuid4().hex[:8]}"
+    cluster = Kube(client.CoreV1Api(api_client), kubectl, standin, run, namespace, compact)
     try:
         yield cluster
     finally:
         for secret in cluster.api.list_namespaced_secret(
-            NAMESPACE, label_selector=f"conformance-run={cluster.run}"
+            namespace, label_selector=f"conformance-run={cluster.run}"
         ).items:
-            cluster.api.delete_namespaced_secret(secret.metadata.name, NAMESPACE)
+            cluster.api.delete_namespaced_secret(secret.metadata.name, namespace)
         api_client.close()
         if standin:
             standin.stop()
@@ -139,7 +148,7 @@ def test_create_then_get_round_trips_metadata_and_data(cluster: Kube) -> None:
     if cluster.standin:
         (stored,) = [
             s
-            for s in cluster.standin.secrets(NAMESPACE)
+            for s in cluster.standin.secrets(cluster.namespace)
             if s["metadata"]["uid"] == got.metadata.uid
         ]
         assert stored["data"]["note"] == b64("plain text") and "stringData" not in stored
@@ -168,7 +177,9 @@ def test_get_missing_is_not_found(cluster: Kube) -> None:
 
 def test_invalid_name_is_rejected(cluster: Kube) -> None:
     with pytest.raises(ApiException) as caught:
-        cluster.api.create_namespaced_secret(NAMESPACE, {"metadata": {"name": "Not_A_DNS_Name"}})
+        cluster.api.create_namespaced_secret(
+            cluster.namespace, {"metadata": {"name": "Not_A_DNS_Name"}}
+        )
     assert caught.value.status == 422
     assert status_of(caught.value)["reason"] == "Invalid"
 
@@ -185,7 +196,7 @@ def test_replace_uses_resource_version_for_optimistic_concurrency(cluster: Kube)
     first = cluster.create("replace", stringData={"k": "v1"})
     stale = first.metadata.resource_version
     first.data = {"k": b64("v2")}
-    second = cluster.api.replace_namespaced_secret(first.metadata.name, NAMESPACE, first)
+    second = cluster.api.replace_namespaced_secret(first.metadata.name, cluster.namespace, first)
     assert second.metadata.resource_version != stale
     assert second.metadata.uid == first.metadata.uid
     assert second.metadata.creation_timestamp == first.metadata.creation_timestamp
@@ -193,7 +204,7 @@ def test_replace_uses_resource_version_for_optimistic_concurrency(cluster: Kube)
     second.data = {"k": b64("lost update")}
     second.metadata.resource_version = stale
     with pytest.raises(ApiException) as caught:
-        cluster.api.replace_namespaced_secret(first.metadata.name, NAMESPACE, second)
+        cluster.api.replace_namespaced_secret(first.metadata.name, cluster.namespace, second)
     assert caught.value.status == 409
     status = status_of(caught.value)
     assert status["reason"] == "Conflict"
@@ -211,7 +222,7 @@ def test_merge_patch_with_stale_resource_version_conflicts(
     stale = cluster.create(suffix, labels={"request-state": "pending"}).metadata.resource_version
     patched = cluster.api.patch_namespaced_secret(
         cluster.name(suffix),
-        NAMESPACE,
+        cluster.namespace,
         {"metadata": {"labels": {"request-state": "approved", "conformance-run": cluster.run}}},
         _content_type=content_type,
     )
@@ -221,7 +232,7 @@ def test_merge_patch_with_stale_resource_version_conflicts(
     with pytest.raises(ApiException) as caught:
         cluster.api.patch_namespaced_secret(
             cluster.name(suffix),
-            NAMESPACE,
+            cluster.namespace,
             {"metadata": {"resourceVersion": stale, "labels": {"request-state": "denied"}}},
             _content_type=content_type,
         )
@@ -229,7 +240,7 @@ def test_merge_patch_with_stale_resource_version_conflicts(
     assert status_of(caught.value)["reason"] == "Conflict"
 
     removed = cluster.api.patch_namespaced_secret(
-        cluster.name(suffix), NAMESPACE, {"metadata": {"labels": {"request-state": None}}}
+        cluster.name(suffix), cluster.namespace, {"metadata": {"labels": {"request-state": None}}}
     )
     assert "request-state" not in removed.metadata.labels
 
@@ -237,7 +248,7 @@ def test_merge_patch_with_stale_resource_version_conflicts(
 def test_patch_that_changes_nothing_keeps_the_resource_version(cluster: Kube) -> None:
     created = cluster.create("noop", labels={"request-state": "pending"})
     same = {"metadata": {"labels": {"request-state": "pending"}}}
-    patched = cluster.api.patch_namespaced_secret(created.metadata.name, NAMESPACE, same)
+    patched = cluster.api.patch_namespaced_secret(created.metadata.name, cluster.namespace, same)
     assert patched.metadata.resource_version == created.metadata.resource_version
 
 
@@ -246,7 +257,7 @@ def test_json_patch_adds_and_removes_labels(cluster: Kube) -> None:
     name = cluster.name("jsonpatch")
     patched = cluster.api.patch_namespaced_secret(
         name,
-        NAMESPACE,
+        cluster.namespace,
         [
             {"op": "test", "path": "/metadata/labels/request-state", "value": "pending"},
             {"op": "add", "path": "/metadata/labels/app.kubernetes.io~1component", "value": "x"},
@@ -258,7 +269,7 @@ def test_json_patch_adds_and_removes_labels(cluster: Kube) -> None:
     with pytest.raises(ApiException) as caught:  # a failed `test` applies nothing
         cluster.api.patch_namespaced_secret(
             name,
-            NAMESPACE,
+            cluster.namespace,
             [
                 {
                     "op": "replace",
@@ -330,7 +341,7 @@ def test_paging_returns_every_secret_exactly_once(cluster: Kube) -> None:
     token = None
     while True:
         page = cluster.api.list_namespaced_secret(
-            NAMESPACE, label_selector=selector, limit=10, _continue=token
+            cluster.namespace, label_selector=selector, limit=10, _continue=token
         )
         pages.append([s.metadata.name.removeprefix(f"{cluster.run}-") for s in page.items])
         token = page.metadata._continue
@@ -346,18 +357,98 @@ def test_paging_returns_every_secret_exactly_once(cluster: Kube) -> None:
     assert page.metadata.resource_version
 
 
+def test_a_continue_token_from_before_a_compaction_is_410_expired(cluster: Kube) -> None:
+    """Compaction drops the history a continue token reads from. The 410 carries a token that
+    continues the list from the same place, no longer as a snapshot."""
+    if cluster.compact is None:
+        pytest.skip("the tests cannot compact this cluster's history")
+    for suffix in ("expire-0", "expire-1", "expire-2"):
+        cluster.create(suffix, labels={"set": "expire"})
+    selector = f"conformance-run={cluster.run},set=expire"
+    first = cluster.api.list_namespaced_secret(cluster.namespace, label_selector=selector, limit=1)
+    cluster.create("expire-3", labels={"set": "expire"})  # history moves past the token
+    cluster.compact()
+
+    with pytest.raises(ApiException) as caught:
+        cluster.api.list_namespaced_secret(
+            cluster.namespace, label_selector=selector, limit=1, _continue=first.metadata._continue
+        )
+    assert caught.value.status == 410
+    status = status_of(caught.value)
+    assert status["reason"] == "Expired"
+    assert "continue parameter is too old" in status["message"]
+
+    rest = cluster.api.list_namespaced_secret(
+        cluster.namespace, label_selector=selector, _continue=status["metadata"]["continue"]
+    )
+    names = [s.metadata.name.removeprefix(f"{cluster.run}-") for s in rest.items]
+    assert names == ["expire-1", "expire-2", "expire-3"]  # includes what came after the snapshot
+
+
+@pytest.mark.parametrize(
+    ("value", "valid"),
+    [
+        ("a" * 63, True),
+        ("", True),
+        ("gpt-4o_mini.2024", True),
+        ("a" * 64, False),  # at most 63 characters
+        ("ada@example.org", False),  # why emails live in annotations
+        ("-pending", False),  # must start and end with an alphanumeric character
+        ("two words", False),
+    ],
+)
+def test_label_values_are_validated(cluster: Kube, value: str, valid: bool) -> None:
+    suffix = f"label-value-{uuid.uuid4().hex[:6]}"
+    if valid:
+        assert (
+            cluster.create(suffix, labels={"request-state": value}).metadata.labels["request-state"]
+            == value
+        )
+        return
+    with pytest.raises(ApiException) as caught:
+        cluster.create(suffix, labels={"request-state": value})
+    assert caught.value.status == 422
+    status = status_of(caught.value)
+    assert status["reason"] == "Invalid"
+    assert "metadata.labels: Invalid value" in status["message"]
+    assert status["details"]["causes"][0]["field"] == "metadata.labels"
+
+
+def test_annotations_are_limited_to_256_kib_in_total(cluster: Kube) -> None:
+    limit = 256 * 1024
+    key = "llm-key-requestor/reason"
+    fits = {key: "x" * (limit - len(key))}
+    assert cluster.create("annotations-fit", metadata={"annotations": fits}).metadata.annotations
+
+    too_big = {key: "x" * (limit - len(key) + 1)}
+    with pytest.raises(ApiException) as caught:
+        cluster.create("annotations-too-big", metadata={"annotations": too_big})
+    assert caught.value.status == 422
+    status = status_of(caught.value)
+    assert status["reason"] == "Invalid"
+    assert "metadata.annotations: Too long: may not be more than 262144 bytes" in status["message"]
+
+    # The same limit holds for an update: the object stays as it was.
+    secret = cluster.get("annotations-fit")
+    secret.metadata.annotations["state"] = "approved"
+    with pytest.raises(ApiException) as caught:
+        cluster.api.replace_namespaced_secret(secret.metadata.name, cluster.namespace, secret)
+    assert caught.value.status == 422
+    assert "state" not in cluster.get("annotations-fit").metadata.annotations
+
+
 def test_watch_reports_changes_since_a_resource_version(cluster: Kube) -> None:
     created = cluster.create("watched", labels={"request-state": "pending"})
     name = created.metadata.name
     cluster.api.patch_namespaced_secret(
-        name, NAMESPACE, {"metadata": {"labels": {"request-state": "approved"}}}
+        name, cluster.namespace, {"metadata": {"labels": {"request-state": "approved"}}}
     )
-    cluster.api.delete_namespaced_secret(name, NAMESPACE)
+    cluster.api.delete_namespaced_secret(name, cluster.namespace)
     seen = []
     stream = watch.Watch()
     for event in stream.stream(
         cluster.api.list_namespaced_secret,
-        NAMESPACE,
+        cluster.namespace,
         field_selector=f"metadata.name={name}",
         resource_version=created.metadata.resource_version,
         timeout_seconds=10,
@@ -438,7 +529,7 @@ def test_kubectl_delete_removes_the_secret(cluster: Kube) -> None:
 # --- stand-in test hooks -------------------------------------------------------------------
 
 
-@standin_only
+@STANDIN_ONLY
 def test_kubectl_create_generic_gets_a_json_only_hint(cluster: Kube) -> None:
     done = cluster.kubectl(
         "create", "secret", "generic", cluster.name("pb"), "--from-literal=a=b", check=False
@@ -446,7 +537,7 @@ def test_kubectl_create_generic_gets_a_json_only_hint(cluster: Kube) -> None:
     assert done.returncode != 0 and "JSON only" in done.stderr and "--validate=false" in done.stderr
 
 
-@standin_only
+@STANDIN_ONLY
 def test_injected_faults_fail_the_next_calls_then_clear(cluster: Kube) -> None:
     assert cluster.standin
     cluster.create("faults")
@@ -462,21 +553,23 @@ def test_injected_faults_fail_the_next_calls_then_clear(cluster: Kube) -> None:
     cluster.standin.inject_faults(1, 503, methods={"PATCH"})
     current = cluster.get("faults")  # only the chosen methods are affected
     with pytest.raises(ApiException) as caught:
-        cluster.api.replace_namespaced_secret(current.metadata.name, NAMESPACE, current)
+        cluster.api.replace_namespaced_secret(current.metadata.name, cluster.namespace, current)
     assert (caught.value.status, status_of(caught.value)["reason"]) == (409, "Conflict")
     with pytest.raises(ApiException) as caught:
-        cluster.api.patch_namespaced_secret(current.metadata.name, NAMESPACE, {"metadata": {}})
+        cluster.api.patch_namespaced_secret(
+            current.metadata.name, cluster.namespace, {"metadata": {}}
+        )
     assert (caught.value.status, status_of(caught.value)["reason"]) == (503, "ServiceUnavailable")
     assert cluster.get("faults").metadata.resource_version == current.metadata.resource_version
 
     cluster.standin.inject_faults(5, 500)
     cluster.standin.clear_faults()
     patch = {"metadata": {"labels": {"request-state": "approved"}}}
-    cluster.api.patch_namespaced_secret(current.metadata.name, NAMESPACE, patch)
+    cluster.api.patch_namespaced_secret(current.metadata.name, cluster.namespace, patch)
     assert cluster.get("faults").metadata.labels["request-state"] == "approved"
 
 
-@standin_only
+@STANDIN_ONLY
 def test_verbs_seen_lists_the_rbac_verbs_used(cluster: Kube) -> None:
     assert cluster.standin
     cluster.standin.reset_verbs()
@@ -485,7 +578,7 @@ def test_verbs_seen_lists_the_rbac_verbs_used(cluster: Kube) -> None:
     cluster.names("")
     assert cluster.standin.verbs_seen() == {"create", "get", "list"}
     secret = cluster.get("verbs")
-    cluster.api.replace_namespaced_secret(secret.metadata.name, NAMESPACE, secret)
-    cluster.api.patch_namespaced_secret(secret.metadata.name, NAMESPACE, {"metadata": {}})
+    cluster.api.replace_namespaced_secret(secret.metadata.name, cluster.namespace, secret)
+    cluster.api.patch_namespaced_secret(secret.metadata.name, cluster.namespace, {"metadata": {}})
     cluster.kubectl("delete", "secret", secret.metadata.name)
     assert cluster.standin.verbs_seen() == {"create", "get", "list", "update", "patch", "delete"}
