@@ -404,6 +404,18 @@ def test_every_dependency_is_pinned_and_installed_at_its_pin():
     assert not other, f"installed at another version than pinned: {other}; run uv sync"
 
 
+def test_ci_and_the_image_install_with_the_same_uv_and_the_pins():
+    (uv_version,) = [
+        rest.partition("=")[2]
+        for keyword, rest in dockerfile_stages()[0]["instructions"]
+        if keyword == "ARG" and rest.startswith("UV_VERSION=")
+    ]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert f'"uv=={uv_version}"' in ci
+    assert "scripts/pin-dependencies.sh --check" in ci
+    assert ci.index("uv sync") < ci.index("uv run pytest")
+
+
 def test_everything_the_processes_import_is_copied_into_the_image():
     copied = set()
     for keyword, rest in runtime_stage()["instructions"]:
