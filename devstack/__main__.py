@@ -30,7 +30,6 @@ from settings import ConfigError, Settings, load_settings
 # seconds to import: run() imports it once the checks have passed, so that a bad setting or a
 # taken port is reported at once.
 
-log = logging.getLogger("devstack")
 DEV_ADMIN_TOKEN = "dev-admin-token"  # noqa: S105 - local stack only, printed at start
 DEV_LITELLM_KEY = "sk-devstack-master"  # the LiteLLM stand-in's master key
 # The Kubernetes stand-in keeps its Secrets here, as Temporal keeps its workflows in temporal.db.
@@ -196,7 +195,13 @@ async def run(stack: Plan, stop: asyncio.Event) -> int:
 
         if stack.kube:
             kube, snapshot = KubeStandin(), state / KUBE_SNAPSHOT
-            kept = kube.load_snapshot(snapshot) if snapshot.exists() else 0
+            try:
+                kept = kube.load_snapshot(snapshot) if snapshot.exists() else 0
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise StackError(
+                    f"{snapshot}: cannot read the saved Secrets ({exc!r}); to start afresh, "
+                    f"delete {state}"
+                ) from None
             kube.start(args.kube_port)
             cleanup.callback(kube.save_snapshot, snapshot)  # after kube.stop, just below
             cleanup.callback(kube.stop)
@@ -229,7 +234,7 @@ async def run(stack: Plan, stop: asyncio.Event) -> int:
         else:
             say("SMTP", f"{settings.smtp_host}:{settings.smtp_port}")
         if stop.is_set():
-            return stopped()
+            return await stop_early(cleanup)
 
         worker_stop = asyncio.Event()
         store = SecretStore(api, settings.namespace)
@@ -243,7 +248,7 @@ async def run(stack: Plan, stop: asyncio.Event) -> int:
         await polling
         say("Worker", f"polling task queue {settings.temporal_task_queue}")
         if stop.is_set():
-            return stopped()
+            return await stop_early(cleanup)
 
         server = ApiServer(
             uvicorn.Config(create_app(settings), host="127.0.0.1", port=args.api_port,
@@ -277,6 +282,13 @@ async def run(stack: Plan, stop: asyncio.Event) -> int:
 async def stop_server(server: uvicorn.Server, serving: asyncio.Task) -> None:
     server.should_exit = True
     await serving
+
+
+async def stop_early(cleanup: contextlib.AsyncExitStack) -> int:
+    """A signal came during start-up: stop what has started."""
+    print("stopping...", flush=True)
+    await cleanup.aclose()
+    return stopped()
 
 
 def stopped() -> int:

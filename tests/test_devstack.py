@@ -16,6 +16,9 @@ import uuid
 from pathlib import Path
 
 import httpx
+from kubernetes.client import CoreV1Api
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config import new_client_from_config
 
 from devstack.http import free_port, port_in_use
 from devstack.temporal import binary
@@ -88,6 +91,19 @@ def wait_for_mail(maildir: Path, count: int = 1, within: float = 30) -> list[Pat
     return mails
 
 
+def wait_until_recorded(secrets: CoreV1Api, request_id: str, within: float = 30) -> None:
+    """The workflow writes the request's Secret a moment after the API has answered."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            secrets.read_namespaced_secret(f"llm-key-request-{request_id}", "default")
+            return
+        except ApiException as exc:
+            if exc.status != 404 or time.monotonic() > deadline:
+                raise
+        time.sleep(0.1)
+
+
 def readme_commands() -> list[str]:
     """The README's temporal and kubectl commands for the local stack, as a user pastes them."""
     readme = (ROOT / "README.md").read_text()
@@ -149,8 +165,10 @@ def test_local_stack_serves_a_request_end_to_end_and_stops_cleanly(tmp_path):
         commands = readme_commands()
         assert len(commands) >= 15
         preamble = "".join(f"export {name}={value}\n" for name, value in shell.items())
+        secrets = CoreV1Api(new_client_from_config(config_file=shell["KUBECONFIG"]))
         for command in commands:
             pending = submit(ports["api"], f"pat-{uuid.uuid4().hex[:8]}@corp.example.org", "gpt-4o")
+            wait_until_recorded(secrets, pending)
             ran = subprocess.run(  # noqa: S603
                 ["bash", "-c", preamble + command.replace("<request-id>", pending)],
                 cwd=tmp_path, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
