@@ -167,6 +167,7 @@ async def run(stack: Plan, stop: asyncio.Event) -> int:
 
     A signal during start-up stops the stack after the step under way.
     """
+    print(f"\nLLM Key Requestor local stack, state in {stack.state}\n", flush=True)
     from kubernetes import config as kube_config
     from kubernetes.client import CoreV1Api
 
@@ -181,7 +182,6 @@ async def run(stack: Plan, stop: asyncio.Event) -> int:
     args, state, settings = stack.args, stack.state, stack.settings
     (state / "mail").mkdir(parents=True, exist_ok=True)
     exports = [f'export PATH="{Path(sys.executable).parent}:$PATH"']
-    print(f"\nLLM Key Requestor local stack, state in {state}\n", flush=True)
 
     async with contextlib.AsyncExitStack() as cleanup:
         temporal = TemporalDevServer(

@@ -16,12 +16,13 @@ import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 from kubernetes.client import CoreV1Api
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config import new_client_from_config
 
 from devstack.http import free_port, port_in_use
-from devstack.temporal import binary
+from devstack.temporal import PortInUse, TemporalDevServer, binary
 
 ROOT = Path(__file__).resolve().parent.parent
 READY = "Ctrl-C stops everything"
@@ -248,3 +249,14 @@ def test_a_restarted_stack_keeps_its_secrets_and_sighup_stops_everything(tmp_pat
     finally:
         rest = stop_stack(process)
     assert process.returncode == 0, rest
+
+
+def test_the_dev_server_never_stands_in_for_a_server_already_on_its_port():
+    """Else its port would answer at once, from someone else's Temporal."""
+    with socket.socket() as foreign:
+        foreign.bind(("127.0.0.1", 0))
+        foreign.listen()
+        server = TemporalDevServer(port=foreign.getsockname()[1])
+        with pytest.raises(PortInUse, match=f"port {server.port} is in use"):
+            server.start()
+        assert server.process is None, "nothing was started"
