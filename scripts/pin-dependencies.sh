@@ -20,21 +20,26 @@ esac
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
-python3 - "$work/pins.txt" <<'PY'
+# The current pins go to pins.txt, where uv takes them as preferences; the resolution reads a
+# copy of pyproject.toml without them, where they would be limits, and a bumped direct
+# dependency could never move past them.
+python3 - "$work" <<'PY'
+import re
 import sys
 import tomllib
 
-with open("pyproject.toml", "rb") as f:
-    pins = tomllib.load(f).get("tool", {}).get("uv", {}).get("constraint-dependencies", [])
-with open(sys.argv[1], "w") as out:
+text = open("pyproject.toml").read()
+pins = tomllib.loads(text).get("tool", {}).get("uv", {}).get("constraint-dependencies", [])
+with open(f"{sys.argv[1]}/pins.txt", "w") as out:
     out.writelines(pin + "\n" for pin in pins)
+unpinned = re.sub(r"(?ms)^constraint-dependencies = \[.*?^\]\n", "", text)
+open(f"{sys.argv[1]}/pyproject.toml", "w").write(unpinned)
 PY
 
 # A universal resolution (every platform and Python the project allows) of the runtime
-# dependencies and the dev group. --no-config: the old pins are preferences here, not limits,
-# or a bumped direct dependency could never move past them.
-uv pip compile pyproject.toml --group dev --universal --python-version 3.11 --no-config \
-    --no-header --no-annotate --no-emit-index-url --quiet --output-file "$work/pins.txt"
+# dependencies and the dev group.
+(cd "$work" && uv pip compile pyproject.toml --group dev --universal --python-version 3.11 \
+    --no-header --no-annotate --no-emit-index-url --quiet --output-file pins.txt)
 
 python3 - "$work/pins.txt" "$mode" <<'PY'
 import re
