@@ -41,6 +41,7 @@ class WorkerHealth:
     def __init__(self, worker: Worker, client: Client) -> None:
         self.worker = worker
         self.client = client
+        self.reachable = True  # as last seen; logged when it changes, not on every probe
 
     async def check(self, path: str) -> tuple[HTTPStatus, dict]:
         if not self.worker.is_running:
@@ -53,11 +54,16 @@ class WorkerHealth:
                 GetSystemInfoRequest(), timeout=_TEMPORAL_CHECK
             )
         except Exception as exc:  # any failure means "cannot poll"; the log says which
-            log.warning("not ready: Temporal does not answer (%s)", exc)
+            if self.reachable:
+                log.warning("not ready: Temporal does not answer (%s)", exc)
+            self.reachable = False
             return HTTPStatus.SERVICE_UNAVAILABLE, {
                 "status": "not ready",
                 "temporal": "unreachable; the worker cannot poll until it is back",
             }
+        if not self.reachable:
+            log.info("ready again: Temporal answers")
+        self.reachable = True
         return HTTPStatus.OK, {"status": "ready", "temporal": "reachable"}
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -91,3 +91,6 @@ def test_readiness_follows_temporal_and_liveness_the_worker(temporal, kube, tmp_
         log.close()
     output = (tmp_path / "worker.log").read_text()
     assert "health endpoint on port" in output, output
+    # One line per change, not one per probe.
+    assert output.count("not ready: Temporal does not answer") == 1, output
+    assert output.count("ready again: Temporal answers") == 1, output
