@@ -176,7 +176,12 @@ async def run(stack: Plan, stop: asyncio.Event) -> int:
     from devstack.kube import KubeStandin
     from devstack.litellm import LiteLLMStandin
     from devstack.mail import MailSink
-    from devstack.temporal import TemporalDevServer, connect_when_ready, wait_for_poller
+    from devstack.temporal import (
+        PortInUse,
+        TemporalDevServer,
+        connect_when_ready,
+        wait_for_poller,
+    )
     from worker import run_worker
 
     args, state, settings = stack.args, stack.state, stack.settings
@@ -187,8 +192,14 @@ async def run(stack: Plan, stop: asyncio.Event) -> int:
         temporal = TemporalDevServer(
             port=args.temporal_port, ui_port=args.ui_port, ui=True,
             db_file=state / "temporal.db", log_file=state / "temporal.log",
-        ).start()  # fmt: skip
+        )  # fmt: skip
         cleanup.callback(temporal.stop)
+        try:
+            temporal.start()
+        except PortInUse as exc:  # taken since the check
+            raise StackError(f"{exc}; choose another with --temporal-port or --ui-port") from None
+        except (RuntimeError, TimeoutError) as exc:  # the message points to its log
+            raise StackError(str(exc)) from None
         client = await connect_when_ready(temporal.address)
         say("Temporal", f"{temporal.address}  (Web UI {temporal.ui_url})")
         exports.append(f"export TEMPORAL_ADDRESS={temporal.address}")
