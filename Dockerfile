@@ -1,8 +1,9 @@
 # One image, two processes:
 #   API (default):  docker run -p 8000:8000 IMAGE
 #   worker:         docker run --no-healthcheck IMAGE python worker.py
-# (The HEALTHCHECK below probes the API's port; the worker serves no HTTP, so turn it off for
-# the worker: `--no-healthcheck`, or `healthcheck: disable: true` in Compose. Kubernetes ignores
+# (The HEALTHCHECK below probes the API's port. The worker serves its own health endpoint when
+# WORKER_HEALTH_PORT is set (worker_health.py): turn the image's check off for it with
+# `--no-healthcheck`, or give it its own, as docker-compose.yml does. Kubernetes ignores
 # HEALTHCHECK and uses the probes in deploy/.)
 #
 # Built with BuildKit (Docker's default builder since 23.0): RUN --mount and COPY --chmod.
@@ -24,7 +25,9 @@ ENV UV_COMPILE_BYTECODE=1 \
     UV_PROJECT_ENVIRONMENT=/app/.venv
 
 WORKDIR /app
-# Only pyproject.toml: the versions are pinned there and no lock file is kept in the repository.
+# Only pyproject.toml: every dependency, transitive ones included, is pinned there
+# ([tool.uv] constraint-dependencies, written by scripts/pin-dependencies.sh) and uv sync
+# resolves within those pins; no lock file is kept in the repository.
 # The project is `package = false`, so nothing of the source is needed to install.
 COPY pyproject.toml ./
 RUN --mount=type=cache,target=/root/.cache/uv \
@@ -48,9 +51,10 @@ COPY --from=builder /app/.venv /app/.venv
 COPY api/ api/
 COPY activities/ activities/
 COPY workflows/ workflows/
-COPY domain.py settings.py connection.py worker.py config.yaml ./
+COPY domain.py settings.py connection.py audit.py worker.py worker_health.py config.yaml ./
 COPY --chmod=755 docker/entrypoint.sh docker/entrypoint.sh
-RUN python -m compileall -q api activities workflows domain.py settings.py connection.py worker.py
+RUN python -m compileall -q api activities workflows domain.py settings.py connection.py audit.py \
+    worker.py worker_health.py
 
 # Company CA certificates (*.crt, *.pem) mounted at /certs are trusted at start: see
 # docker/entrypoint.sh. (No VOLUME: it would leave an anonymous volume behind on every run.)

@@ -175,6 +175,9 @@ class Settings(BaseSettings):
 
     approval_queue_interval: Duration = timedelta(seconds=30)
 
+    # The worker's health endpoint for probes (worker_health.py); 0 = none.
+    worker_health_port: int = Field(default=0, ge=0, le=65535)
+
     api_cors_origins: Annotated[tuple[str, ...], NoDecode] = ("*",)
     api_max_body_bytes: int = Field(default=16384, ge=1024)
 

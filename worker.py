@@ -37,6 +37,7 @@ from activities.reconcile import ReconcileActivities
 from connection import connect_temporal, ensure_search_attributes, tls_context
 from domain import RECONCILE_SCHEDULE_ID, ReconcilePage
 from settings import ConfigError, Settings, load_settings
+from worker_health import serve_health
 from workflows.key_request import KeyRequestWorkflow
 from workflows.reconcile import ReconcileWorkflow
 
@@ -128,7 +129,7 @@ async def run_worker(
             # (and retried elsewhere); every one of ours is idempotent either way.
             graceful_shutdown_timeout=timedelta(seconds=30),
         )
-        async with worker:
+        async with worker, serve_health(settings, client, worker):
             log.info(
                 "worker ready on %s, namespace %s, task queue %s; Kubernetes namespace %s",
                 settings.temporal_address,

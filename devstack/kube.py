@@ -1106,3 +1106,38 @@ class KubeStandin:
     def reset_verbs(self) -> None:
         with self.store.lock:
             self.store.verbs.clear()
+
+    # --- a snapshot in a file, so that the local stack keeps its Secrets across restarts ----
+
+    def save_snapshot(self, path: str | Path) -> None:
+        """Write every Secret and the resourceVersion counter to `path` (atomically)."""
+        path = Path(path)
+        with self.store.lock:
+            snapshot = {
+                "resourceVersion": self.store.rv,
+                "secrets": [copy.deepcopy(obj) for _, obj in sorted(self.store.objects.items())],
+            }
+        partial = path.with_name(path.name + ".partial")
+        partial.unlink(missing_ok=True)
+        partial.touch(mode=0o600)  # the Secrets hold keys: readable by this user only
+        partial.write_text(json.dumps(snapshot))
+        partial.replace(path)
+
+    def load_snapshot(self, path: str | Path) -> int:
+        """Replace the stored Secrets with those saved in `path`; returns how many there are.
+
+        The watch history is not saved: start watches afresh after a restart.
+        """
+        snapshot = json.loads(Path(path).read_text())
+        with self.store.lock:
+            self.store.objects = {
+                (obj["metadata"]["namespace"], obj["metadata"]["name"]): obj
+                for obj in snapshot["secrets"]
+            }
+            self.store.born = {
+                key: int(obj["metadata"]["resourceVersion"])
+                for key, obj in self.store.objects.items()
+            }
+            self.store.rv = int(snapshot["resourceVersion"])
+            self.store.history.clear()
+            return len(self.store.objects)

