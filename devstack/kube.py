@@ -1138,6 +1138,7 @@ class KubeStandin:
                 key: int(obj["metadata"]["resourceVersion"])
                 for key, obj in self.store.objects.items()
             }
+            self.store.keys = sorted(self.store.objects)
             self.store.rv = int(snapshot["resourceVersion"])
             self.store.history.clear()
             return len(self.store.objects)
