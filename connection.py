@@ -21,6 +21,7 @@ from temporalio.common import (
 from temporalio.service import RPCError, TLSConfig
 
 from domain import (
+    KEY_REQUEST_WORKFLOW,
     SA_MODEL,
     SA_STATE,
     SEARCH_ATTRIBUTES,
@@ -113,7 +114,7 @@ async def start_key_request(
     """
     signal_args = {"start_signal": signal, "start_signal_args": [review or Review()]}
     await client.start_workflow(
-        "KeyRequestWorkflow",
+        KEY_REQUEST_WORKFLOW,
         request,
         id=workflow_id(request.request_id),
         task_queue=task_queue,

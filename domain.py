@@ -41,6 +41,9 @@ ANNOTATION_PREFIX = "llm-key-requestor/"
 API_KEY_DATA = "api-key"
 
 # Temporal: names operators type.
+# The request workflow's type name: the API starts, updates and lists workflows by this name, so
+# it needs neither the workflow's code nor the activities (and their Kubernetes client) it imports.
+KEY_REQUEST_WORKFLOW = "KeyRequestWorkflow"
 WORKFLOW_ID_PREFIX = "key-request-"
 SIGNAL_APPROVE = "approve"
 SIGNAL_DENY = "deny"

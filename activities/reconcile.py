@@ -28,6 +28,7 @@ from connection import start_key_request
 from domain import (
     COMPONENT,
     COMPONENT_LABEL,
+    KEY_REQUEST_WORKFLOW,
     RECORDED_STATE_LABEL,
     SA_STATE,
     SECRET_PREFIX,
@@ -102,7 +103,7 @@ class ReconcileActivities:
         quoted = ", ".join(f"'{i}'" for i in ids)
         latest: dict[str, WorkflowExecution] = {}
         async for run in self.temporal.list_workflows(
-            f"WorkflowType = 'KeyRequestWorkflow' AND WorkflowId IN ({quoted})"
+            f"WorkflowType = '{KEY_REQUEST_WORKFLOW}' AND WorkflowId IN ({quoted})"
         ):
             known = latest.get(run.id)
             if known is None or _rank(run) > _rank(known):

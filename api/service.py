@@ -25,6 +25,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from connection import start_key_request
 from domain import (
+    KEY_REQUEST_WORKFLOW,
     QUERY_STATUS,
     SA_MODEL,
     SA_STATE,
@@ -38,7 +39,6 @@ from domain import (
     workflow_id,
 )
 from settings import Settings
-from workflows.key_request import KeyRequestWorkflow
 
 _UNREACHABLE = (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED)
 # Bounds every read the API makes, so a caller always gets an answer.
@@ -146,7 +146,7 @@ class KeyRequests:
     async def list(
         self, state: RequestState | None, page_size: int, page_token: str | None
     ) -> tuple[list[RequestStatus], str | None]:
-        query = f"WorkflowType = '{KeyRequestWorkflow.__name__}'"
+        query = f"WorkflowType = '{KEY_REQUEST_WORKFLOW}'"
         if state is not None:
             query += f" AND {SA_STATE.name} = '{state.value}'"
         token = self._open_token(page_token) if page_token else None
