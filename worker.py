@@ -144,6 +144,7 @@ async def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         settings = load_settings()
+        settings.check_secrets("litellm_api_key")
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2

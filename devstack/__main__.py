@@ -58,6 +58,7 @@ async def run(args: argparse.Namespace) -> int:
     (state / "mail").mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
     overrides: dict = {"temporal_address": f"127.0.0.1:{args.temporal_port}"}
+    overrides["environment"] = "local"  # built-in secrets are fine on the developer's machine
     stack = contextlib.ExitStack()
 
     with stack:
