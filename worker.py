@@ -34,6 +34,7 @@ from activities.key_request import KeyRequestActivities
 from activities.kubernetes import SecretStore, core_api
 from activities.litellm import LiteLLMClient
 from activities.reconcile import ReconcileActivities
+from activities.transient import LogTransientFailures
 from connection import connect_temporal, ensure_search_attributes, tls_context
 from domain import RECONCILE_SCHEDULE_ID, ReconcilePage
 from settings import ConfigError, Settings, load_settings
@@ -127,6 +128,7 @@ async def run_worker(
             # On SIGTERM, running activities get this long to finish before they are cancelled
             # (and retried elsewhere); every one of ours is idempotent either way.
             graceful_shutdown_timeout=timedelta(seconds=30),
+            interceptors=[LogTransientFailures()],
         )
         async with worker:
             log.info(
