@@ -61,6 +61,10 @@ def _explain(exc: ApiException, what: str) -> Exception:
     return RuntimeError(message)
 
 
+class ListingExpired(Exception):
+    """410 Gone: the continue token outlived the API server's snapshot; list again without it."""
+
+
 @dataclass
 class SecretPage:
     items: list[client.V1Secret]
@@ -140,5 +144,7 @@ class SecretStore:
                 _continue=continue_token or None,
             )
         except ApiException as exc:
+            if exc.status == 410 and continue_token:
+                raise ListingExpired(label_selector) from None
             raise _explain(exc, f"listing secrets ({label_selector})") from None
         return SecretPage(result.items, result.metadata._continue or None)

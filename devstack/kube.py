@@ -20,7 +20,8 @@ It speaks the real HTTP contract, JSON only, to the official `kubernetes` Python
 
 Deliberately not implemented: protobuf and CBOR bodies (415 with a hint to use JSON), server-side
 apply, the `<`/`>` label operators, authentication and authorization (any token is accepted),
-admission, immutable Secrets, finalizers and garbage collection, expiry of continue tokens,
+admission, immutable Secrets, finalizers and garbage collection, expiry of continue tokens by age
+(`expire_continue_tokens` expires them on demand),
 OpenAPI documents (404, so `kubectl create -f` needs --validate=false) and every resource other
 than Secrets and Namespaces (which all exist, are Active and read-only).
 """
@@ -71,6 +72,10 @@ DATA_KEY = re.compile(r"[-._a-zA-Z0-9]+")
 SELECTOR_TOKEN = re.compile(r"\s*(==|!=|=|!|\(|\)|,|[^\s,()=!]+)")
 SELECTOR_SPECIAL = {"==", "!=", "=", "!", "(", ")", ","}
 HISTORY = 1000  # watch events kept for resourceVersion-based resumption
+EXPIRED_CONTINUE = (
+    "The provided continue parameter is too old to display a consistent list result. You can "
+    "start a new list without the continue parameter."
+)
 PATCH_TYPES = {
     "application/merge-patch+json",
     "application/strategic-merge-patch+json",
@@ -334,6 +339,7 @@ class SecretStore:
         self.waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
         self.closing = False
         self.faults: list[tuple[int, set[str] | None]] = []
+        self.token_generation = 0  # bumped to expire every continue token handed out
         self.verbs: set[str] = set()
         # Called as on_write(method, object) after a write is stored, before it is answered.
         self.on_write: Callable[[str, dict], None] | None = None
@@ -451,6 +457,8 @@ class SecretStore:
                     list_rv, after = int(token["rv"]), tuple(token["start"])
                 except (ValueError, KeyError, TypeError):
                     raise KubeError(400, "invalid continue token") from None
+                if token.get("generation", 0) != self.token_generation:
+                    raise KubeError(410, EXPIRED_CONTINUE, "Expired")
             matching = [
                 copy.deepcopy(obj)
                 for key, obj in sorted(self.objects.items())
@@ -462,7 +470,11 @@ class SecretStore:
         meta: dict[str, Any] = {"resourceVersion": str(list_rv)}
         if 0 < limit < len(matching):
             last = matching[limit - 1]["metadata"]
-            token = {"rv": list_rv, "start": [last["namespace"], last["name"]]}
+            token = {
+                "rv": list_rv,
+                "start": [last["namespace"], last["name"]],
+                "generation": self.token_generation,
+            }
             meta["continue"] = base64.urlsafe_b64encode(json.dumps(token).encode()).decode()
             meta["remainingItemCount"] = len(matching) - limit
             matching = matching[:limit]
@@ -941,6 +953,12 @@ class KubeStandin:
         """
         with self.store.lock:
             self.store.on_write = callback
+
+    def expire_continue_tokens(self) -> None:
+        """Every continue token handed out so far answers 410 Expired, as on a real server once
+        etcd has compacted past the listing's resourceVersion (after about 5 minutes)."""
+        with self.store.lock:
+            self.store.token_generation += 1
 
     def clear_faults(self) -> None:
         with self.store.lock:
