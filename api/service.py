@@ -57,6 +57,9 @@ _SUBMIT_RPC = timedelta(seconds=1.5)
 _RPC = timedelta(seconds=10)
 # A decision needs a worker to take it; with none polling, Temporal would hold the call open.
 DECISION_WAIT = timedelta(seconds=5)
+# A status query too needs a worker, which answers in milliseconds; without one, visibility
+# answers after this.
+_QUERY_WAIT = timedelta(seconds=3)
 
 
 class UnknownRequest(Exception):
@@ -139,7 +142,9 @@ class KeyRequests:
             raise UnknownRequest(request_id)
         handle = self.client.get_workflow_handle(workflow_id(request_id), run_id=desc.run_id)
         try:
-            return await handle.query(QUERY_STATUS, result_type=RequestStatus, rpc_timeout=_RPC)
+            return await handle.query(
+                QUERY_STATUS, result_type=RequestStatus, rpc_timeout=_QUERY_WAIT
+            )
         except (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError) as exc:
             # No worker to answer right now, or this worker cannot replay that (old) run:
             # visibility still knows state and model.

@@ -230,8 +230,11 @@ async def test_decisions_with_no_worker_polling_get_a_prompt_503_or_429(
     idle = settings.model_copy(update={"temporal_task_queue": f"no-worker-{uuid.uuid4().hex[:8]}"})
     async with api_for(idle) as api:
         request_id = (await submit(api, unique_email("manual.example.com")))["request_id"]
+        began = time.monotonic()
         status = await api.get(f"/api/requests/{request_id}")
         assert status.status_code == 200 and status.json()["state"] == "pending"
+        took = time.monotonic() - began
+        assert took < 5, f"the status took {took:.1f} s"
 
         began = time.monotonic()
         answers = await asyncio.gather(
