@@ -226,7 +226,8 @@ async def test_decisions_with_no_worker_polling_get_a_prompt_503_or_429(
     settings, admin_headers, temporal_client
 ):
     """Updates to a workflow that no worker serves: each answered within the bound, never
-    "409 already decided"; past Temporal's limit of in-flight updates, 429."""
+    "409 already decided"; past Temporal's limit of in-flight updates (10 per workflow by
+    default, history.maxInFlightUpdates), 429."""
     idle = settings.model_copy(update={"temporal_task_queue": f"no-worker-{uuid.uuid4().hex[:8]}"})
     async with api_for(idle) as api:
         request_id = (await submit(api, unique_email("manual.example.com")))["request_id"]
