@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from datetime import timedelta
 from pathlib import Path
 
 from temporalio.api.enums.v1 import IndexedValueType
@@ -18,9 +19,10 @@ from temporalio.common import (
     WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
 )
-from temporalio.service import RPCError, TLSConfig
+from temporalio.service import RetryConfig, RPCError, TLSConfig
 
 from domain import (
+    KEY_REQUEST_WORKFLOW,
     SA_MODEL,
     SA_STATE,
     SEARCH_ATTRIBUTES,
@@ -59,13 +61,16 @@ def _temporal_tls(settings: Settings) -> TLSConfig | bool:
     return settings.temporal_tls or bool(settings.temporal_api_key.get_secret_value())
 
 
-async def connect_temporal(settings: Settings, lazy: bool = False) -> Client:
+async def connect_temporal(
+    settings: Settings, lazy: bool = False, retry_config: RetryConfig | None = None
+) -> Client:
     return await Client.connect(
         settings.temporal_address,
         namespace=settings.temporal_namespace,
         tls=_temporal_tls(settings),
         api_key=settings.temporal_api_key.get_secret_value() or None,
         lazy=lazy,
+        **({"retry_config": retry_config} if retry_config else {}),
     )
 
 
@@ -105,6 +110,7 @@ async def start_key_request(
     request: KeyRequest,
     signal: str | None = None,
     review: Review | None = None,
+    rpc_timeout: timedelta | None = None,
 ) -> None:
     """Start the request's workflow, or join the running one: never two at once.
 
@@ -113,7 +119,7 @@ async def start_key_request(
     """
     signal_args = {"start_signal": signal, "start_signal_args": [review or Review()]}
     await client.start_workflow(
-        "KeyRequestWorkflow",
+        KEY_REQUEST_WORKFLOW,
         request,
         id=workflow_id(request.request_id),
         task_queue=task_queue,
@@ -125,5 +131,6 @@ async def start_key_request(
                 SearchAttributePair(SA_MODEL, request.model),
             ]
         ),
+        rpc_timeout=rpc_timeout,
         **(signal_args if signal else {}),
     )

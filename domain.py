@@ -41,6 +41,9 @@ ANNOTATION_PREFIX = "llm-key-requestor/"
 API_KEY_DATA = "api-key"
 
 # Temporal: names operators type.
+# The request workflow's type name: the API starts, updates and lists workflows by this name, so
+# it needs neither the workflow's code nor the activities (and their Kubernetes client) it imports.
+KEY_REQUEST_WORKFLOW = "KeyRequestWorkflow"
 WORKFLOW_ID_PREFIX = "key-request-"
 SIGNAL_APPROVE = "approve"
 SIGNAL_DENY = "deny"
@@ -179,12 +182,13 @@ class ReconcilePage:
 
 @dataclass
 class ReconcileCounts:
-    scanned: int = 0  # pending Secrets looked at
+    scanned: int = 0  # Secrets looked at
     in_flight: int = 0  # their workflow is running: nothing to do
     resumed: int = 0  # no running workflow: started again
     relayed: int = 0  # relabelled with kubectl: decision passed to the workflow
     corrected: int = 0  # workflow finished, Secret behind: brought in line
     skipped: int = 0  # cannot be resumed (no email or model on the Secret)
+    adopted: int = 0  # served by the older service (approved, with its key): labelled as ours
     pages: int = 0  # listing pages, one activity each
 
     def add(self, other: ReconcileCounts) -> None:

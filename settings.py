@@ -130,6 +130,18 @@ def _domain_matches(domain: str, pattern: str) -> bool:
     return domain == pattern
 
 
+BUILT_IN_REQUEST_ID_KEY = "llm-key-requestor"  # noqa: S105 - public by design; refused in production
+# Placeholders that the shipped examples use; a secret still containing one was never set.
+_PLACEHOLDERS = ("change-me", "changeme", "changethis")
+_MIN_SECRET_LENGTH = 16
+_MAKE_ONE = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+_SECRET_HINTS = {
+    "request_id_key": f"set it once to a long random value and keep it, e.g. {_MAKE_ONE}",
+    "admin_token": f"set it to a long random value, e.g. {_MAKE_ONE}",
+    "litellm_api_key": "set it to the LiteLLM proxy's master key (sk-...)",
+}
+
+
 class Settings(BaseSettings):
     """Every setting of the API and the worker. Field `a_b` is config.yaml `a.b` and env `A_B`."""
 
@@ -178,12 +190,17 @@ class Settings(BaseSettings):
     # The worker's health endpoint for probes (worker_health.py); 0 = none.
     worker_health_port: int = Field(default=0, ge=0, le=65535)
 
-    api_cors_origins: Annotated[tuple[str, ...], NoDecode] = ("*",)
+    # Browser origins allowed to call the API from another origin; none by default.
+    api_cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
     api_max_body_bytes: int = Field(default=16384, ge=1024)
 
     admin_token: SecretStr = SecretStr("")
     # Keys the request id derived from (email, model), so ids reveal nothing about the email.
-    request_id_key: SecretStr = SecretStr("llm-key-requestor")
+    request_id_key: SecretStr = SecretStr(BUILT_IN_REQUEST_ID_KEY)
+
+    # `local`: the developer's stack and the tests, where built-in secrets are fine. Anything
+    # else refuses to start with them (check_secrets).
+    environment: Literal["local", "production"] = "production"
 
     @field_validator(
         "litellm_key_duration",
@@ -231,6 +248,37 @@ class Settings(BaseSettings):
                         f"matches no model in `models` ({', '.join(ids)})"
                     )
         return self
+
+    def check_secrets(self, *names: str) -> None:
+        """Refuse empty, built-in or example values of these secret settings, unless local.
+
+        Each process names the secrets it uses: the API its REQUEST_ID_KEY (with the built-in
+        one anyone can derive request ids from emails) and ADMIN_TOKEN, the worker its
+        LITELLM_API_KEY.
+        """
+        if self.environment == "local":
+            return
+        problems = []
+        for name in names:
+            value = getattr(self, name).get_secret_value()
+            env = name.upper()
+            if not value:
+                problem = "is empty"
+            elif name == "request_id_key" and value == BUILT_IN_REQUEST_ID_KEY:
+                problem = "is the built-in default, with which anyone can link ids to emails"
+            elif any(p in value.lower() for p in _PLACEHOLDERS):
+                problem = "is still the example's placeholder"
+            elif name != "litellm_api_key" and len(value) < _MIN_SECRET_LENGTH:
+                problem = f"is shorter than {_MIN_SECRET_LENGTH} characters"
+            else:
+                continue
+            problems.append(f"  {env} {problem}; {_SECRET_HINTS[name]}")
+        if problems:
+            raise ConfigError(
+                f"refusing to start with ENVIRONMENT={self.environment}:\n"
+                + "\n".join(problems)
+                + "\n(ENVIRONMENT=local accepts these defaults, for a stack on your own machine)"
+            )
 
     @property
     def model_ids(self) -> list[str]:

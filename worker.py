@@ -25,6 +25,7 @@ from temporalio.client import (
     SchedulePolicy,
     ScheduleSpec,
     ScheduleUpdate,
+    ScheduleUpdateInput,
 )
 from temporalio.service import RPCError
 from temporalio.worker import Worker
@@ -34,6 +35,7 @@ from activities.key_request import KeyRequestActivities
 from activities.kubernetes import SecretStore, core_api
 from activities.litellm import LiteLLMClient
 from activities.reconcile import ReconcileActivities
+from activities.transient import LogTransientFailures
 from connection import connect_temporal, ensure_search_attributes, tls_context
 from domain import RECONCILE_SCHEDULE_ID, ReconcilePage
 from settings import ConfigError, Settings, load_settings
@@ -70,30 +72,70 @@ def build_activities(
     ]
 
 
+def _reconcile_action(settings: Settings) -> ScheduleActionStartWorkflow:
+    return ScheduleActionStartWorkflow(
+        ReconcileWorkflow.run,
+        ReconcilePage(),
+        id=RECONCILE_SCHEDULE_ID,
+        task_queue=settings.temporal_task_queue,
+    )
+
+
+def _align_schedule(schedule: Schedule, settings: Settings) -> list[str]:
+    """Bring the fields a worker owns in line with `settings`; say what changed.
+
+    A worker owns the interval (APPROVAL_QUEUE_INTERVAL) and the action (which workflow, on
+    which task queue). Everything else is the operators': paused or not and its note, the
+    policies, jitter, and a spec they gave calendars or cron expressions (then the timing is
+    theirs too). Fields are written only when they differ, so workers of one configuration
+    never write at all, and during a rollout the Schedule changes once, when the first new
+    worker starts. (An old worker that restarts before the rollout ends sets its interval back
+    until the next new worker starts; every change is logged with both values.)
+    """
+    changes = []
+    spec, every = schedule.spec, settings.approval_queue_interval
+    if not spec.calendars and not spec.cron_expressions:
+        current = [interval.every for interval in spec.intervals]
+        if current != [every]:
+            spec.intervals = [ScheduleIntervalSpec(every=every)]
+            changes.append(f"interval {', '.join(map(str, current)) or 'none'} -> {every}")
+    action, ours = schedule.action, _reconcile_action(settings)
+    if not (
+        isinstance(action, ScheduleActionStartWorkflow)
+        and (action.workflow, action.id, action.task_queue)
+        == (ours.workflow, ours.id, ours.task_queue)
+    ):
+        schedule.action = ours
+        changes.append(f"action -> {ours.workflow} on task queue {ours.task_queue}")
+    return changes
+
+
 async def ensure_reconcile_schedule(client: Client, settings: Settings) -> None:
-    """Create the reconciler's Schedule, or bring its interval and task queue up to date.
+    """Create the reconciler's Schedule, or update the fields a worker owns (_align_schedule).
 
     Every worker does this at start; the fixed id makes it one Schedule however many start.
     """
     schedule = Schedule(
-        action=ScheduleActionStartWorkflow(
-            ReconcileWorkflow.run,
-            ReconcilePage(),
-            id=RECONCILE_SCHEDULE_ID,
-            task_queue=settings.temporal_task_queue,
-        ),
+        action=_reconcile_action(settings),
         spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=settings.approval_queue_interval)]),
         # A run still going when the next is due makes the next one pointless.
         policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
     )
+    changes: list[str] = []
+
+    def align(current: ScheduleUpdateInput) -> ScheduleUpdate | None:
+        # Edits the Schedule as it is now, so an operator's pause or policy survives.
+        changes[:] = _align_schedule(current.description.schedule, settings)
+        return ScheduleUpdate(schedule=current.description.schedule) if changes else None
+
     try:
         try:
             await client.create_schedule(RECONCILE_SCHEDULE_ID, schedule)
             log.info("created schedule %s", RECONCILE_SCHEDULE_ID)
         except ScheduleAlreadyRunningError:
-            handle = client.get_schedule_handle(RECONCILE_SCHEDULE_ID)
-            await handle.update(lambda _: ScheduleUpdate(schedule=schedule))
-            log.info("updated schedule %s", RECONCILE_SCHEDULE_ID)
+            await client.get_schedule_handle(RECONCILE_SCHEDULE_ID).update(align)
+            if changes:
+                log.info("updated schedule %s: %s", RECONCILE_SCHEDULE_ID, "; ".join(changes))
     except RPCError as exc:
         # Requests still flow without it; only the repair of stray Secrets waits.
         log.error(
@@ -128,6 +170,7 @@ async def run_worker(
             # On SIGTERM, running activities get this long to finish before they are cancelled
             # (and retried elsewhere); every one of ours is idempotent either way.
             graceful_shutdown_timeout=timedelta(seconds=30),
+            interceptors=[LogTransientFailures()],
         )
         async with worker, serve_health(settings, client, worker):
             log.info(
@@ -145,6 +188,7 @@ async def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         settings = load_settings()
+        settings.check_secrets("litellm_api_key")
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2

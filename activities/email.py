@@ -10,10 +10,11 @@ from email.utils import formatdate
 
 import aiosmtplib
 
+from activities.transient import Transient
 from domain import RequestState
 
 
-class MailUnavailable(Exception):
+class MailUnavailable(Transient):
     """The mail server did not accept the message; worth retrying."""
 
 

@@ -14,9 +14,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from temporalio.exceptions import ApplicationError
+
+from activities.transient import Transient
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,10 @@ class KubernetesRejected(ApplicationError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, type="KubernetesRejected", non_retryable=True)
+
+
+class KubernetesUnavailable(Transient):
+    """The API server failed on its side, throttled us, or could not be reached."""
 
 
 def core_api() -> client.CoreV1Api:
@@ -50,6 +57,8 @@ def _explain(exc: ApiException, what: str) -> Exception:
         message += f" ({hint})"
     if exc.status in (400, 422):
         return KubernetesRejected(message)
+    if exc.status == 429 or (exc.status or 0) >= 500:
+        return KubernetesUnavailable(message)
     return RuntimeError(message)
 
 
@@ -67,7 +76,13 @@ class SecretStore:
 
     async def _call(self, fn: Callable, *args, **kwargs):
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+        try:
+            return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+        except urllib3.exceptions.HTTPError as exc:  # refused, reset, timed out: no answer
+            raise KubernetesUnavailable(
+                f"Kubernetes API: no answer ({type(exc).__name__}); check that the API server is "
+                "up and KUBECONFIG or the pod's service account points at it"
+            ) from None
 
     async def get(self, name: str) -> client.V1Secret | None:
         try:
@@ -110,7 +125,7 @@ class SecretStore:
                 if exc.status == 404:
                     return None
                 raise _explain(exc, f"updating secret {name}") from None
-        raise RuntimeError(
+        raise KubernetesUnavailable(
             f"Kubernetes API: secret {name} kept changing under us ({_CONFLICT_RETRIES} conflicts)"
         )
 

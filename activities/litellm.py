@@ -4,22 +4,47 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 
 import httpx
 from temporalio.exceptions import ApplicationError
+
+from activities.transient import Transient
 
 log = logging.getLogger(__name__)
 
 
 class KeyRejected(ApplicationError):
-    """LiteLLM refused to mint the key for a reason a retry cannot fix (4xx)."""
+    """LiteLLM refused to mint the key for a reason a retry cannot fix (a 4xx but 408/425/429)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, type="KeyRejected", non_retryable=True)
 
 
-class LiteLLMUnavailable(Exception):
-    """LiteLLM could not be reached or failed on its side; worth retrying."""
+class LiteLLMUnavailable(Transient):
+    """LiteLLM could not be reached, failed on its side, or asked us to come back later."""
+
+
+# Answers that mean "not now" rather than "no": request timeout, too early, rate limited.
+_LATER = (408, 425, 429)
+# A longer Retry-After is cut short: one answer should not park a request for hours.
+_LONGEST_WAIT = timedelta(minutes=10)
+
+
+def _retry_after(response: httpx.Response) -> timedelta | None:
+    """Retry-After (seconds, or an HTTP date) as a delay; None if absent or unreadable."""
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        delay = timedelta(seconds=int(value))
+    else:
+        try:
+            delay = parsedate_to_datetime(value) - datetime.now(UTC)
+        except (TypeError, ValueError):
+            return None
+    return max(timedelta(0), min(delay, _LONGEST_WAIT))
 
 
 def token_hash(key: str) -> str:
@@ -65,9 +90,10 @@ class LiteLLMClient:
                 f"LiteLLM {path}: cannot reach {self.http.base_url} ({type(exc).__name__}); "
                 "check LITELLM_BASE_URL"
             ) from None
-        if response.status_code >= 500:
+        if response.status_code >= 500 or response.status_code in _LATER:
             raise LiteLLMUnavailable(
-                f"LiteLLM {path} answered {response.status_code}: {_error_message(response)}"
+                f"LiteLLM {path} answered {response.status_code}: {_error_message(response)}",
+                retry_after=_retry_after(response),
             )
         if response.status_code in (401, 403):
             # A configuration problem, not the request's: keep retrying so that fixing

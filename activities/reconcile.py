@@ -26,8 +26,10 @@ from activities.key_request import (
 from activities.kubernetes import SecretStore
 from connection import start_key_request
 from domain import (
+    API_KEY_DATA,
     COMPONENT,
     COMPONENT_LABEL,
+    KEY_REQUEST_WORKFLOW,
     RECORDED_STATE_LABEL,
     SA_STATE,
     SECRET_PREFIX,
@@ -49,8 +51,10 @@ log = logging.getLogger(__name__)
 SELECTORS = {
     # Requests this service recorded as pending, whatever kubectl has done to request-state.
     "pending": f"{COMPONENT_LABEL}={COMPONENT},{RECORDED_STATE_LABEL}=pending",
-    # Pending requests written by the older polling service, which never set recorded-state.
-    "legacy": f"{COMPONENT_LABEL}={COMPONENT},!{RECORDED_STATE_LABEL},{STATE_LABEL}=pending",
+    # Requests written by the older polling service, which never set recorded-state: pending
+    # ones, and approved ones (relabelled by hand, or already served by it: see _reconcile).
+    "legacy": f"{COMPONENT_LABEL}={COMPONENT},!{RECORDED_STATE_LABEL},"
+    f"{STATE_LABEL} in (pending,approved)",
 }
 # Annotation names the polling service may have used for the same facts.
 LEGACY_EMAIL = ("email", "user-email", "requester-email")
@@ -77,9 +81,11 @@ class ReconcileActivities:
 
     @activity.defn
     async def reconcile_page(self, page: ReconcilePage) -> ReconcilePageResult:
-        listing = await self.store.list_page(
-            SELECTORS[page.phase], page.page_size, page.continue_token
-        )
+        selector = SELECTORS[page.phase]
+        # An expired continue token (a run that continued as new, or waited out an outage) is
+        # handled in list_page: it goes on from where the server says, or lists again.
+        listing = await self.store.list_page(selector, page.page_size, page.continue_token)
+        activity.heartbeat()
         counts = ReconcileCounts(scanned=len(listing.items), pages=1)
         runs = await self._latest_runs(listing.items)
         limit = asyncio.Semaphore(_CONCURRENCY)
@@ -87,11 +93,13 @@ class ReconcileActivities:
         async def one(secret: k8s.V1Secret) -> str:
             async with limit:
                 request_id = secret.metadata.name.removeprefix(SECRET_PREFIX)
-                return await self._reconcile(secret, runs.get(workflow_id(request_id)))
+                outcome = await self._reconcile(secret, runs.get(workflow_id(request_id)))
+            # Per Secret, not per page: a page of slow calls is not mistaken for a dead worker.
+            activity.heartbeat()
+            return outcome
 
         for outcome in await asyncio.gather(*(one(s) for s in listing.items)):
             setattr(counts, outcome, getattr(counts, outcome) + 1)
-        activity.heartbeat()
         return ReconcilePageResult(counts, listing.continue_token)
 
     async def _latest_runs(self, secrets: list[k8s.V1Secret]) -> dict[str, WorkflowExecution]:
@@ -102,7 +110,7 @@ class ReconcileActivities:
         quoted = ", ".join(f"'{i}'" for i in ids)
         latest: dict[str, WorkflowExecution] = {}
         async for run in self.temporal.list_workflows(
-            f"WorkflowType = 'KeyRequestWorkflow' AND WorkflowId IN ({quoted})"
+            f"WorkflowType = '{KEY_REQUEST_WORKFLOW}' AND WorkflowId IN ({quoted})"
         ):
             known = latest.get(run.id)
             if known is None or _rank(run) > _rank(known):
@@ -115,6 +123,13 @@ class ReconcileActivities:
         annotations = secret.metadata.annotations or {}
         relabelled = labels.get(STATE_LABEL) in ("approved", "denied") and not decision_of(secret)
 
+        if RECORDED_STATE_LABEL not in labels and labels.get(STATE_LABEL) == "approved":
+            if (secret.data or {}).get(API_KEY_DATA):
+                # The older service minted and sent this key: ours to keep from now on.
+                await self._adopt(secret.metadata.name)
+                return "adopted"
+            # Relabelled approved with kubectl before the cut-over, never served: fall through
+            # and relay the approval like any kubectl decision.
         if relabelled:
             await self._start(secret, signal=labels[STATE_LABEL])
             return "relayed"
@@ -152,6 +167,18 @@ class ReconcileActivities:
             review=review,
         )
         return "resumed"
+
+    async def _adopt(self, name: str) -> None:
+        """Mark a served legacy Secret as recorded, so that no listing selects it again."""
+
+        def mark(secret: k8s.V1Secret) -> bool:
+            labels = dict(secret.metadata.labels or {})
+            if RECORDED_STATE_LABEL in labels or labels.get(STATE_LABEL) != "approved":
+                return False
+            secret.metadata.labels = {**labels, RECORDED_STATE_LABEL: "approved"}
+            return True
+
+        await self.store.update(name, mark)
 
     async def _correct(self, name: str, state: RequestState) -> None:
         def align(secret: k8s.V1Secret) -> bool:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import logging
 import secrets
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import timedelta
 from typing import Annotated
 
@@ -20,7 +22,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from api.schemas import (
     DenyIn,
@@ -33,10 +35,18 @@ from api.schemas import (
     RequestStatusOut,
     ReviewIn,
 )
-from api.service import AlreadyDecided, BadPageToken, KeyRequests, UnknownRequest
+from api.service import (
+    DECISION_WAIT,
+    RETRIES,
+    AlreadyDecided,
+    BadPageToken,
+    DecisionUnconfirmed,
+    KeyRequests,
+    UnknownRequest,
+)
 from connection import connect_temporal
 from domain import Decision, RequestState, RequestStatus, is_request_id, workflow_id
-from settings import Settings, load_settings
+from settings import ConfigError, Settings, load_settings
 
 log = logging.getLogger("api")
 
@@ -48,7 +58,12 @@ ERRORS = {
     409: {"model": ErrorOut, "description": "The request is already decided"},
     413: {"model": ErrorOut, "description": "Body too large"},
     422: {"model": ErrorOut, "description": "Invalid input; the message names the field"},
-    503: {"model": ErrorOut, "description": "Temporal is unreachable; retry shortly"},
+    429: {"model": ErrorOut, "description": "Temporal is rate limiting; retry after Retry-After"},
+    503: {
+        "model": ErrorOut,
+        "description": "Temporal is unreachable or refuses the service, or (decisions) no worker "
+        "took the decision in time; retry shortly",
+    },
 }
 
 
@@ -82,7 +97,18 @@ def require_admin(
         raise HTTPException(403, "invalid admin token")
 
 
-def _out(status: RequestStatus) -> RequestStatusOut:
+def _out(status: RequestStatus, public: bool = False) -> RequestStatusOut:
+    """The status as shown; `public` (anyone who knows the id) names no person.
+
+    A reviewer's name is personal, and a reviewer's reason or a failure's cause may name people
+    or internals: the public view keeps only the reasons the service itself wrote (a denying
+    policy rule's text from config.yaml, the expiry notice).
+    """
+    if public:
+        own_words = status.state == RequestState.EXPIRED or (
+            status.state == RequestState.DENIED and status.decision_source == "policy"
+        )
+        status = replace(status, reviewer="", reason=status.reason if own_words else "")
     return RequestStatusOut(
         request_id=status.request_id,
         state=str(status.state),
@@ -126,10 +152,9 @@ async def ready(requests: RequestsDep) -> JSONResponse:
         await requests.client.workflow_service.get_system_info(
             GetSystemInfoRequest(), timeout=timedelta(seconds=3)
         )
-    except Exception as exc:  # any failure means "not ready"; the message says which
-        return JSONResponse(
-            {"status": "not ready", "temporal": f"unreachable: {_short(exc)}"}, status_code=503
-        )
+    except Exception as exc:  # any failure means "not ready"; the log says which
+        log.warning("readiness: Temporal does not answer: %s", _short(exc))
+        return JSONResponse({"status": "not ready", "temporal": "unreachable"}, status_code=503)
     return JSONResponse({"status": "ready", "temporal": "reachable"})
 
 
@@ -170,8 +195,8 @@ async def request_key(
 
 @public.get("/api/requests/{request_id}", tags=["requests"], responses=ERRORS)
 async def get_request(request_id: str, requests: RequestsDep) -> RequestStatusOut:
-    """State, model, timestamps and decision of one request. Never the key."""
-    return _out(await requests.status(_checked_id(request_id)))
+    """State, model, timestamps and decision of one request. Never the key, nor the reviewer."""
+    return _out(await requests.status(_checked_id(request_id)), public=True)
 
 
 @admin.get("/requests", responses=ERRORS)
@@ -245,17 +270,47 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
     async def decided(_: Request, exc: AlreadyDecided) -> JSONResponse:
         return JSONResponse({"message": str(exc)}, 409)
 
+    @app.exception_handler(DecisionUnconfirmed)
+    async def unconfirmed(_: Request, exc: DecisionUnconfirmed) -> JSONResponse:
+        wait = int(DECISION_WAIT.total_seconds())
+        message = (
+            f"no worker took the decision within {wait} s (workers down or restarting?), so it "
+            "is not confirmed. It may still take effect when a worker is back: look at "
+            f"GET /api/admin/requests/{exc.args[0]} before deciding again."
+        )
+        return JSONResponse({"message": message}, 503, headers={"Retry-After": "30"})
+
+    # Anyone may call the public endpoints: the caller learns what to do, the log learns why.
     def temporal_down(exc: Exception) -> JSONResponse:
-        log.warning("Temporal call failed: %s", _short(exc))
+        log.warning("Temporal at %s failed: %s", settings.temporal_address, _short(exc))
         return JSONResponse(
             {
-                "message": f"Temporal at {settings.temporal_address} is unreachable or failing; "
-                "nothing was recorded, retry in a moment"
+                "message": "Temporal, which records every request, is not answering. Try again "
+                "in a minute; sending the same request again is safe."
             },
             503,
+            headers={"Retry-After": "30"},
         )
 
-    app.add_exception_handler(RPCError, lambda _, exc: temporal_down(exc))
+    @app.exception_handler(RPCError)
+    async def temporal_error(_: Request, exc: RPCError) -> JSONResponse:
+        if exc.status == RPCStatusCode.RESOURCE_EXHAUSTED:
+            log.warning("Temporal is rate limiting us: %s", _short(exc))
+            message = "too many requests at the moment; try again in a few seconds"
+            return JSONResponse({"message": message}, 429, headers={"Retry-After": "5"})
+        if exc.status in (RPCStatusCode.PERMISSION_DENIED, RPCStatusCode.UNAUTHENTICATED):
+            # The service's own Temporal credentials, not the caller's: an operator must act.
+            log.error(
+                "Temporal refused the API's credentials (%s): check TEMPORAL_API_KEY or the TLS "
+                "client certificate, and its permissions on the namespace",
+                _short(exc),
+            )
+            message = (
+                "the service is not allowed to record this in Temporal (a configuration error "
+                "on our side, logged for the operators); nothing was changed"
+            )
+            return JSONResponse({"message": message}, 503)
+        return temporal_down(exc)
 
     @app.exception_handler(RuntimeError)
     async def runtime_error(_: Request, exc: RuntimeError) -> JSONResponse:
@@ -317,12 +372,18 @@ def _openapi(app: FastAPI, settings: Settings) -> dict:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or load_settings()
+    try:
+        settings = settings or load_settings()
+        settings.check_secrets("request_id_key", "admin_token")
+    except ConfigError as exc:
+        # Under uvicorn an exception becomes a traceback; the message is all there is to say.
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Lazy: the API starts (and reports not-ready) while Temporal is still coming up.
-        client = await connect_temporal(settings, lazy=True)
+        client = await connect_temporal(settings, lazy=True, retry_config=RETRIES)
         app.state.requests = KeyRequests(client, settings)
         yield
 

@@ -6,25 +6,31 @@ permissions to "start, query, update and list workflows".
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
+import logging
 from datetime import UTC, datetime, timedelta
 
 from temporalio.client import (
     Client,
     WorkflowExecution,
     WorkflowExecutionDescription,
+    WorkflowQueryFailedError,
+    WorkflowQueryRejectedError,
     WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.client import (
     WorkflowExecutionStatus as Status,
 )
 from temporalio.exceptions import ApplicationError
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.service import RetryConfig, RPCError, RPCStatusCode
 
 from connection import start_key_request
 from domain import (
+    KEY_REQUEST_WORKFLOW,
     QUERY_STATUS,
     SA_MODEL,
     SA_STATE,
@@ -38,11 +44,22 @@ from domain import (
     workflow_id,
 )
 from settings import Settings
-from workflows.key_request import KeyRequestWorkflow
 
-_UNREACHABLE = (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED)
+log = logging.getLogger(__name__)
+
+# The API answers people who wait: when Temporal does not answer, a quick 503 (retrying is safe)
+# beats the client's default retries, which hold the caller for 5-10 s. About 1 s in all.
+RETRIES = RetryConfig(max_interval_millis=400, max_elapsed_time_millis=1000, max_retries=4)
+# Bounds each call of a submission, so that a Temporal that accepts connections but hangs
+# still gets the caller an answer within about 2 s.
+_SUBMIT_RPC = timedelta(seconds=1.5)
 # Bounds every read the API makes, so a caller always gets an answer.
 _RPC = timedelta(seconds=10)
+# A decision needs a worker to take it; with none polling, Temporal would hold the call open.
+DECISION_WAIT = timedelta(seconds=5)
+# A status query too needs a worker, which answers in milliseconds; without one, visibility
+# answers after this.
+_QUERY_WAIT = timedelta(seconds=3)
 
 
 class UnknownRequest(Exception):
@@ -51,6 +68,10 @@ class UnknownRequest(Exception):
 
 class AlreadyDecided(Exception):
     pass
+
+
+class DecisionUnconfirmed(Exception):
+    """No worker took the decision in time. Temporal keeps it; a worker may still apply it."""
 
 
 class BadPageToken(Exception):
@@ -81,10 +102,15 @@ class KeyRequests:
     def __init__(self, client: Client, settings: Settings) -> None:
         self.client = client
         self.settings = settings
+        # A key of its own, derived one-way: a page token tells nothing about REQUEST_ID_KEY.
+        self._page_key = hmac.new(
+            settings.request_id_key.get_secret_value().encode(), b"page tokens", hashlib.sha256
+        ).digest()
 
     async def _describe(self, request_id: str) -> WorkflowExecutionDescription | None:
         try:
-            return await self.client.get_workflow_handle(workflow_id(request_id)).describe()
+            handle = self.client.get_workflow_handle(workflow_id(request_id))
+            return await handle.describe(rpc_timeout=_SUBMIT_RPC)
         except RPCError as exc:
             if exc.status == RPCStatusCode.NOT_FOUND:
                 return None
@@ -105,6 +131,7 @@ class KeyRequests:
             self.client,
             self.settings.temporal_task_queue,
             KeyRequest(request_id, email, model, requested_at),
+            rpc_timeout=_SUBMIT_RPC,
         )
         status = RequestStatus(request_id, RequestState.PENDING, model, requested_at)
         return status, existing is None or existing.status != Status.RUNNING
@@ -115,9 +142,14 @@ class KeyRequests:
             raise UnknownRequest(request_id)
         handle = self.client.get_workflow_handle(workflow_id(request_id), run_id=desc.run_id)
         try:
-            return await handle.query(QUERY_STATUS, result_type=RequestStatus, rpc_timeout=_RPC)
-        except RPCError:
-            # No worker to answer right now: visibility still knows state and model.
+            return await handle.query(
+                QUERY_STATUS, result_type=RequestStatus, rpc_timeout=_QUERY_WAIT
+            )
+        except (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError) as exc:
+            # No worker to answer right now, or this worker cannot replay that (old) run:
+            # visibility still knows state and model.
+            log.warning("status query of request %s failed (%s); answering from visibility",
+                        request_id, getattr(exc, "message", None) or exc)  # fmt: skip
             return _visible_status(desc)
 
     async def decide(self, request_id: str, decision: Decision) -> RequestStatus:
@@ -129,14 +161,23 @@ class KeyRequests:
             raise AlreadyDecided(f"request {request_id} is already {state}")
         handle = self.client.get_workflow_handle(workflow_id(request_id), run_id=desc.run_id)
         try:
-            return await handle.execute_update(UPDATE_DECIDE, decision, result_type=RequestStatus)
+            # The SDK re-sends an update that the server reports as only admitted (no worker
+            # took it yet), so rpc_timeout alone does not bound the call: the timeout does.
+            async with asyncio.timeout(DECISION_WAIT.total_seconds()):
+                return await handle.execute_update(
+                    UPDATE_DECIDE, decision, result_type=RequestStatus, rpc_timeout=DECISION_WAIT
+                )
         except WorkflowUpdateFailedError as exc:
             cause = exc.cause
             if isinstance(cause, ApplicationError) and cause.type == "AlreadyDecided":
                 raise AlreadyDecided(f"request {request_id}: {cause.message}") from None
             raise
+        except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+            log.warning("no worker took the decision on request %s within %ss",
+                        request_id, DECISION_WAIT.total_seconds())  # fmt: skip
+            raise DecisionUnconfirmed(request_id) from None
         except RPCError as exc:
-            if exc.status in _UNREACHABLE:
+            if exc.status != RPCStatusCode.NOT_FOUND:
                 raise
             # The workflow closed while the update was on its way: it was decided meanwhile.
             closed = await self._describe(request_id)
@@ -146,7 +187,7 @@ class KeyRequests:
     async def list(
         self, state: RequestState | None, page_size: int, page_token: str | None
     ) -> tuple[list[RequestStatus], str | None]:
-        query = f"WorkflowType = '{KeyRequestWorkflow.__name__}'"
+        query = f"WorkflowType = '{KEY_REQUEST_WORKFLOW}'"
         if state is not None:
             query += f" AND {SA_STATE.name} = '{state.value}'"
         token = self._open_token(page_token) if page_token else None
@@ -162,8 +203,7 @@ class KeyRequests:
     # costing Temporal a failing query (which the client would retry for seconds).
 
     def _mac(self, raw: bytes) -> bytes:
-        key = self.settings.request_id_key.get_secret_value().encode()
-        return hmac.new(key, raw, hashlib.sha256).digest()[:16]
+        return hmac.new(self._page_key, raw, hashlib.sha256).digest()[:16]
 
     def _seal_token(self, raw: bytes) -> str:
         return base64.urlsafe_b64encode(self._mac(raw) + raw).decode()

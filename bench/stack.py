@@ -314,6 +314,7 @@ def service_env(base: dict, temporal: str, standins: dict, sink: MailSink) -> di
         SMTP_USE_TLS="false",
         # The scheduled reconciler stays out of the measurements; the benchmark runs it itself.
         APPROVAL_QUEUE_INTERVAL="24h",
+        ENVIRONMENT="local",
     )
     return env
 

@@ -77,6 +77,10 @@ DATA_KEY = re.compile(r"[-._a-zA-Z0-9]+")
 SELECTOR_TOKEN = re.compile(r"\s*(==|!=|=|!|\(|\)|,|[^\s,()=!]+)")
 SELECTOR_SPECIAL = {"==", "!=", "=", "!", "(", ")", ","}
 HISTORY = 1000  # watch events kept for resourceVersion-based resumption
+EXPIRED_CONTINUE = (
+    "The provided continue parameter is too old to display a consistent list result. You can "
+    "start a new list without the continue parameter."
+)
 PATCH_TYPES = {
     "application/merge-patch+json",
     "application/strategic-merge-patch+json",

@@ -72,10 +72,18 @@ def _iso(when: datetime | None, z: bool = False) -> str | None:
 class ProxyError(Exception):
     """An error answered in the proxy's ``{"error": {...}}`` shape."""
 
-    def __init__(self, status: int, message: str, type_: str | None = None, param: str = "None"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str | None = None,
+        param: str = "None",
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
         self.type = type_ or "internal_server_error"
+        self.headers = headers
 
     @classmethod
     def detail(cls, status: int, text: str) -> ProxyError:
@@ -84,7 +92,9 @@ class ProxyError(Exception):
 
     def response(self) -> JSONResponse:
         body = {"message": self.message, "type": self.type, "param": self.param}
-        return JSONResponse({"error": {**body, "code": str(self.status)}}, self.status)
+        return JSONResponse(
+            {"error": {**body, "code": str(self.status)}}, self.status, headers=self.headers
+        )
 
 
 class _Unprocessable(Exception):
@@ -234,6 +244,7 @@ class _Fault:
     message: str
     type: str
     param: str
+    retry_after: str | None = None
 
 
 class LiteLLMStandin:
@@ -324,10 +335,18 @@ class LiteLLMStandin:
                 raise TimeoutError(f"{self._generate_calls} /key/generate calls, wanted {count}")
 
     def fail_next(
-        self, count: int = 1, status: int = 500, message: str = "Internal Server Error."
+        self,
+        count: int = 1,
+        status: int = 500,
+        message: str = "Internal Server Error.",
+        retry_after: str | None = None,
     ) -> None:
-        """The next ``count`` /key/generate calls answer this error and create nothing."""
-        fault = _Fault(status, message, _ERROR_TYPES.get(status, "internal_server_error"), "None")
+        """The next ``count`` /key/generate calls answer this error and create nothing.
+
+        ``retry_after`` adds a Retry-After header, as a proxy or gateway that rate limits does.
+        """
+        error_type = _ERROR_TYPES.get(status, "internal_server_error")
+        fault = _Fault(status, message, error_type, "None", retry_after)
         with self._cond:
             self._faults.extend([fault] * count)
 
@@ -428,7 +447,8 @@ class LiteLLMStandin:
             with self._cond:
                 fault = self._faults.pop(0) if self._faults else None
             if fault is not None:
-                raise ProxyError(fault.status, fault.message, fault.type, fault.param)
+                headers = {"Retry-After": fault.retry_after} if fault.retry_after else None
+                raise ProxyError(fault.status, fault.message, fault.type, fault.param, headers)
             minted = self._mint(await _parse(request, _GenerateKeyRequest))
             with self._cond:
                 hook, record = self._on_generate, self._keys[minted["token"]].record()

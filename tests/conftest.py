@@ -129,6 +129,7 @@ def settings(temporal_server, kube, litellm, mail) -> Settings:
         # The scheduled reconciler stays out of the way; tests run it when they mean to.
         approval_queue_interval="24h",
         admin_token=ADMIN_TOKEN,
+        environment="local",
     )
 
 

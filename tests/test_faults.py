@@ -214,11 +214,13 @@ async def stack(tmp_path_factory) -> AsyncIterator[Stack]:
             "KUBECONFIG": str(kubeconfig),
             "KUBERNETES_NAMESPACE": NAMESPACE,
             "APPROVAL_QUEUE_INTERVAL": "24h",
+            "ENVIRONMENT": "local",
         }
         settings = load_settings(
             temporal_address=temporal.address,
             temporal_task_queue=queue,
             admin_token=ADMIN_TOKEN,
+            environment="local",
         )
         served: ServedApp = serve_in_thread(create_app(settings), lifespan="on")
         cleanup.callback(served.stop)

@@ -57,7 +57,6 @@ NON_SETTING_VARIABLES = {
     "CERTS_DIR",  # docker/entrypoint.sh knobs
     "SYSTEM_CA_BUNDLE",
     "CA_BUNDLE_OUT",
-    "ENVIRONMENT",  # local|production; a Settings field once the security settings land
 }
 SETTING_VARIABLES = {name.upper() for name in Settings.model_fields}
 

@@ -2,7 +2,8 @@
 
 It pages through the pending Secrets (one activity per page) and, for each: resumes a request
 whose workflow is gone, relays a decision made with kubectl, or corrects a Secret whose workflow
-already finished.
+already finished. Secrets of the older polling service that it left approved are served too:
+with no key yet, the approval is relayed; with its key, the Secret is only labelled as ours.
 """
 
 from __future__ import annotations
@@ -44,5 +45,7 @@ class ReconcileWorkflow:
                     break
                 if total.pages >= PAGES_PER_RUN:
                     workflow.continue_as_new(ReconcilePage(phase, token, page.page_size))
-        workflow.logger.info("reconciled: %s", total)
+        acted = total.resumed + total.relayed + total.corrected + total.adopted + total.skipped
+        # Every APPROVAL_QUEUE_INTERVAL: a run that found nothing to do is not news.
+        (workflow.logger.info if acted else workflow.logger.debug)("reconciled: %s", total)
         return total
