@@ -33,6 +33,7 @@ from domain import (
     SECRET_PREFIX,
     SIGNAL_APPROVE,
     SIGNAL_DENY,
+    SIGNAL_REVOKE,
     STATE_LABEL,
     KeyRequest,
     ReconcileCounts,
@@ -40,6 +41,7 @@ from domain import (
     ReconcilePageResult,
     RequestState,
     Review,
+    Revocation,
     workflow_id,
 )
 from settings import Settings
@@ -51,11 +53,17 @@ SELECTORS = {
     "pending": f"{COMPONENT_LABEL}={COMPONENT},{RECORDED_STATE_LABEL}=pending",
     # Pending requests written by the older polling service, which never set recorded-state.
     "legacy": f"{COMPONENT_LABEL}={COMPONENT},!{RECORDED_STATE_LABEL},{STATE_LABEL}=pending",
+    # Live keys relabelled `request-state=revoked` with kubectl: the revocation is relayed.
+    "revoked": (
+        f"{COMPONENT_LABEL}={COMPONENT},{RECORDED_STATE_LABEL}=approved,{STATE_LABEL}=revoked"
+    ),
 }
 # Annotation names the polling service may have used for the same facts.
 LEGACY_EMAIL = ("email", "user-email", "requester-email")
 LEGACY_MODEL = ("llm", "model", "llm-model")
 _CONCURRENCY = 16
+# A request-state set with kubectl, and the signal that relays it.
+SIGNALS = {"approved": SIGNAL_APPROVE, "denied": SIGNAL_DENY, "revoked": SIGNAL_REVOKE}
 
 
 def _first(annotations: dict, names: tuple[str, ...]) -> str:
@@ -115,10 +123,16 @@ class ReconcileActivities:
         annotations = secret.metadata.annotations or {}
         relabelled = labels.get(STATE_LABEL) in ("approved", "denied") and not decision_of(secret)
 
-        if relabelled:
+        if relabelled or labels.get(STATE_LABEL) == "revoked":
             await self._start(secret, signal=labels[STATE_LABEL])
             return "relayed"
         if running:
+            # Past its decision, the workflow now waits on the key's timers or the clean-up;
+            # a Secret still saying pending is brought in line.
+            state = run.typed_search_attributes.get(SA_STATE)
+            if state and state != "pending" and recorded_state(secret) is RequestState.PENDING:
+                await self._correct(secret.metadata.name, RequestState(state))
+                return "corrected"
             return "in_flight"
         if run is not None and run.status == WorkflowExecutionStatus.COMPLETED:
             final = run.typed_search_attributes.get(SA_STATE)
@@ -144,11 +158,13 @@ class ReconcileActivities:
             created.isoformat().replace("+00:00", "Z") if created else now_iso()
         )
         review = Review(reviewer="kubectl", reason=annotations.get("llm-key-requestor/reason", ""))
+        if signal == "revoked":
+            review = Revocation("kubectl", "Revoked by an operator with kubectl.", "kubectl")
         await start_key_request(
             self.temporal,
             self.settings.temporal_task_queue,
             KeyRequest(request_id, email, model, requested_at),
-            signal={"approved": SIGNAL_APPROVE, "denied": SIGNAL_DENY}.get(signal or ""),
+            signal=SIGNALS.get(signal or ""),
             review=review,
         )
         return "resumed"

@@ -29,10 +29,13 @@ from domain import (
     SA_MODEL,
     SA_STATE,
     UPDATE_DECIDE,
+    UPDATE_RESUBMIT,
     Decision,
     KeyRequest,
     RequestState,
     RequestStatus,
+    Resubmission,
+    ResubmitAnswer,
     request_id_for,
     request_id_from_workflow_id,
     workflow_id,
@@ -51,6 +54,14 @@ class UnknownRequest(Exception):
 
 class AlreadyDecided(Exception):
     pass
+
+
+class CoolingDown(Exception):
+    """Submitted again too soon after a denial (approval.resubmit_after)."""
+
+    def __init__(self, request_id: str, retry_after: int) -> None:
+        super().__init__(request_id, retry_after)
+        self.request_id, self.retry_after = request_id, retry_after
 
 
 class BadPageToken(Exception):
@@ -90,14 +101,31 @@ class KeyRequests:
                 return None
             raise
 
-    async def submit(self, email: str, model: str) -> tuple[RequestStatus, bool]:
-        """Start the request's workflow, or return the live one: (status, newly started)."""
+    async def submit(self, email: str, model: str) -> tuple[RequestStatus, str]:
+        """Start the request's workflow, or pass the submission to the running one.
+
+        Returns the status and what happened: started, restarted (a finished request starts
+        over), renewing, current (live key, outside the renewal window), pending.
+        """
         request_id = request_id_for(email, model, self.settings.request_id_key.get_secret_value())
+        cooldown = self.settings.approval_resubmit_after
         existing = await self._describe(request_id)
+        if existing is not None and existing.status == Status.RUNNING:
+            again = Resubmission(_now(), int(cooldown.total_seconds()))
+            answer = await self._resubmit(existing, again)
+            if answer.outcome == "cooldown":
+                raise CoolingDown(request_id, answer.retry_after)
+            if answer.outcome != "restarted":
+                return answer.status, answer.outcome
+            return RequestStatus(request_id, RequestState.PENDING, model, _now()), "restarted"
         if existing is not None:
             state = existing.typed_search_attributes.get(SA_STATE)
-            if existing.status == Status.RUNNING or state == RequestState.APPROVED:
-                return _visible_status(existing), False
+            closed = existing.close_time or existing.start_time
+            left = (closed + cooldown - datetime.now(UTC)).total_seconds()
+            if state == RequestState.DENIED and left > 0:
+                raise CoolingDown(request_id, int(left) + 1)
+            # An approved request whose workflow ended before keys had a life (older code):
+            # a new run adopts the key from the Secret and follows it from now on.
         # Denied, expired, failed or never seen: a new request under the same id. Two
         # simultaneous submissions meet here, and the conflict policy makes them one workflow.
         requested_at = _now()
@@ -107,7 +135,39 @@ class KeyRequests:
             KeyRequest(request_id, email, model, requested_at),
         )
         status = RequestStatus(request_id, RequestState.PENDING, model, requested_at)
-        return status, existing is None or existing.status != Status.RUNNING
+        return status, "started"
+
+    async def _resubmit(
+        self, desc: WorkflowExecutionDescription, again: Resubmission
+    ) -> ResubmitAnswer:
+        handle = self.client.get_workflow_handle(desc.id, run_id=desc.run_id)
+        try:
+            return await handle.execute_update(
+                UPDATE_RESUBMIT, again, result_type=ResubmitAnswer, rpc_timeout=_RPC
+            )
+        except (WorkflowUpdateFailedError, RPCError) as exc:
+            if isinstance(exc, RPCError) and exc.status in _UNREACHABLE:
+                raise
+            # Closed meanwhile, or a run of older code without the update: say what it is.
+            status = await self.status(request_id_from_workflow_id(desc.id))
+            return ResubmitAnswer("current", status)
+
+    async def order_key(self, request_id: str, update: str, order) -> RequestStatus:
+        """Revoke or rotate the live key; AlreadyDecided (409) when there is none."""
+        desc = await self._describe(request_id)
+        if desc is None:
+            raise UnknownRequest(request_id)
+        if desc.status != Status.RUNNING:
+            state = desc.typed_search_attributes.get(SA_STATE) or "closed"
+            raise AlreadyDecided(f"request {request_id} is {state}: there is no live key")
+        handle = self.client.get_workflow_handle(desc.id, run_id=desc.run_id)
+        try:
+            return await handle.execute_update(update, order, result_type=RequestStatus)
+        except WorkflowUpdateFailedError as exc:
+            cause = exc.cause
+            if isinstance(cause, ApplicationError) and cause.type == "NoLiveKey":
+                raise AlreadyDecided(f"request {request_id}: {cause.message}") from None
+            raise
 
     async def status(self, request_id: str) -> RequestStatus:
         desc = await self._describe(request_id)

@@ -1,8 +1,13 @@
 """Determinism: recorded histories of real runs must replay against today's workflow code.
 
 A change that would break running workflows (reordered activities, a new timer on an old path)
-fails here. After an intended, versioned change, re-record with
-`RECORD_HISTORIES=1 uv run pytest tests/test_replay.py`.
+fails here. Histories are only ever added, never overwritten: the tests that run a path call
+`record_history(name, history)`, which writes `tests/histories/<name>.json` when
+RECORD_HISTORIES=1 is set and no file of that name exists yet (README, "Changing a workflow
+safely"):
+
+    RECORD_HISTORIES=1 uv run pytest tests/test_replay.py tests/test_lifecycle.py \
+        tests/test_lifecycle_timers.py
 """
 
 from __future__ import annotations
@@ -14,12 +19,19 @@ import pytest
 from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 
-from conftest import mail_to, unique_email
-from domain import Review, workflow_id
+from conftest import mail_to, unique_email, wait_until
+from domain import QUERY_STATUS, RequestStatus, Review, workflow_id
 from test_key_request_flow import submit
 from workflows.key_request import KeyRequestWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
+
+
+def record_history(name: str, history: WorkflowHistory) -> None:
+    """Keep `history` as a new recorded history when RECORD_HISTORIES=1; never overwrite."""
+    path = HISTORIES / f"{name}.json"
+    if os.environ.get("RECORD_HISTORIES") and not path.exists():
+        path.write_text(history.to_json())
 
 
 def recorded() -> list[Path]:
@@ -50,8 +62,14 @@ async def test_fresh_histories_replay_and_can_be_recorded(api, mail, temporal_cl
     for name, (request_id, email) in runs.items():
         await mail_to(mail, email)
         handle = temporal_client.get_workflow_handle(workflow_id(request_id))
-        await handle.result()
+        # The key (or the finished request's Secret) now lives on: the history up to here.
+        await wait_until(lambda h=handle: waiting_on_timers(h), 30, f"{name} to be told")
         history = await handle.fetch_history()
         await replayer.replay_workflow(history)
-        if os.environ.get("RECORD_HISTORIES"):
-            (HISTORIES / f"{name}.json").write_text(history.to_json())
+        record_history(f"v2-{name}", history)
+
+
+async def waiting_on_timers(handle) -> bool:
+    """Past the first email: the key's reminders, or the finished request's clean-up, wait."""
+    status = await handle.query(QUERY_STATUS, result_type=RequestStatus)
+    return bool(status.next_reminder or status.cleanup_at)
