@@ -399,6 +399,55 @@ async def killed_at(stack: Stack, moment: str) -> None:
         await nothing_left_behind(stack, [request_id])
 
 
+async def test_worker_killed_between_new_key_minted_and_old_key_deleted_leaves_one_live_key(
+    stack,
+):
+    """Rotation with no grace: the worker dies as LiteLLM mints the new key, before the old one
+    is deleted. The next worker finishes the rotation: exactly one live key for the request,
+    the one in the last email and in the Secret."""
+    async with stack.lane() as lane:
+        email = unique_email(APPROVE)
+        first = await stack.start_worker(lane.worker_env)
+        request_id = (await submit(lane.api, email, MODEL))["request_id"]
+        old = await delivered(stack, email, request_id)
+        kill = Killer(first)
+        stack.litellm.on_generate(lambda record: record["user_id"] == email and kill())
+        answer = await lane.api.post(
+            f"/api/admin/requests/{request_id}/rotate",
+            json={"grace": "0s"},
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        )
+        assert answer.status_code == 200, answer.text
+        await wait_until(kill.done.is_set, 30, "the worker to be killed as the new key is minted")
+
+        def live() -> list[dict]:
+            return [
+                k
+                for k in stack.litellm.keys()
+                if k["key_alias"].startswith(secret_name(request_id)) and k["status"] == "active"
+            ]
+
+        assert len(live()) == 2, "the crash left the old and the new key live"
+        await stack.start_worker(lane.worker_env)
+        await wait_until(lambda: len(live()) == 1, COMPLETES_WITHIN, "the old key to be deleted")
+        messages = await wait_until(
+            lambda: [m for m in stack.mail.messages if m["To"] == email][1:],
+            COMPLETES_WITHIN,
+            "the new key's email",
+        )
+        keys = {KEY.search(plain(m)).group(0) for m in messages}
+        assert len(keys) == 1, "every copy of the rotation mail carries the same key"
+        [new] = keys
+        assert new != old
+        assert [k["key"] for k in live()] == [new]
+        minted = [
+            k for k in stack.litellm.keys() if k["key_alias"].startswith(secret_name(request_id))
+        ]
+        assert len(minted) == 2, "the new key was minted exactly once"
+        secret = secret_of(stack.kube, request_id)
+        assert base64.b64decode(secret["data"]["api-key"]).decode() == new
+
+
 # --- 2. Temporal restarted with requests in flight ----------------------------------------
 
 
