@@ -213,7 +213,9 @@ class KeyRequestActivities:
                     k: v for k, v in (secret.metadata.annotations or {}).items() if k not in dropped
                 }
                 secret.metadata.annotations = {
-                    **annotations, **fresh.metadata.annotations, CYCLE: str(cycle)
+                    **annotations,
+                    **fresh.metadata.annotations,
+                    CYCLE: str(cycle),
                 }
                 secret.data = None
                 return True
@@ -261,9 +263,7 @@ class KeyRequestActivities:
     @heartbeating
     async def evaluate_policy(self, request: KeyRequest) -> PolicyOutcome:
         """Apply config.yaml's approval rules; read here so a restart picks up new rules."""
-        decision, reason, rule = self.settings.decide(
-            request.email, request.model, request.renewal
-        )
+        decision, reason, rule = self.settings.decide(request.email, request.model, request.renewal)
         return PolicyOutcome(
             decision=decision,
             reason=reason,

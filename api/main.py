@@ -255,8 +255,13 @@ async def rotate(
             grace = int(parse_duration(body.grace).total_seconds())
         except (ValueError, AttributeError):
             raise RequestValidationError(
-                [{"loc": ("body", "grace"), "msg": f"{body.grace!r} is not a duration such as "
-                  "0s, 30m or 2h", "type": "value_error"}]  # fmt: skip
+                [
+                    {
+                        "loc": ("body", "grace"),
+                        "msg": f"{body.grace!r} is not a duration such as 0s, 30m or 2h",
+                        "type": "value_error",
+                    }
+                ]  # fmt: skip
             ) from None
     order = RotationOrder(body.reviewer or "admin-api", grace, "api")
     return _out(await requests.order_key(_checked_id(request_id), UPDATE_ROTATE, order))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+from collections.abc import Mapping
+from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 
 from temporalio.client import (
@@ -76,16 +78,23 @@ def _iso(moment: datetime) -> str:
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _visible_status(execution: WorkflowExecution) -> RequestStatus:
-    """What visibility alone tells: for listings, and when no worker can answer a query."""
+def _visible_status(execution: WorkflowExecution, memo: Mapping | None = None) -> RequestStatus:
+    """What visibility alone tells: for listings, and when no worker can answer a query. The
+    memo adds the key's life (expiry, next reminder, cycle, revocation)."""
     attrs = execution.typed_search_attributes
-    return RequestStatus(
+    status = RequestStatus(
         request_id=request_id_from_workflow_id(execution.id),
         state=RequestState(attrs.get(SA_STATE) or "pending"),
         model=attrs.get(SA_MODEL) or "",
         requested_at=_iso(execution.start_time),
         updated_at=_iso(execution.close_time or execution.start_time),
     )
+    known = {f.name for f in fields(RequestStatus)}
+    for name, value in (memo or {}).items():
+        if name in known:
+            setattr(status, name, value)
+    status.key_expires = status.key_expires or None
+    return status
 
 
 class KeyRequests:
@@ -214,7 +223,10 @@ class KeyRequests:
             query, page_size=page_size, next_page_token=token, limit=None, rpc_timeout=_RPC
         )
         await iterator.fetch_next_page()
-        rows = [_visible_status(execution) for execution in iterator.current_page or []]
+        rows = [
+            _visible_status(execution, await execution.memo())
+            for execution in iterator.current_page or []
+        ]
         next_token = iterator.next_page_token
         return rows, self._seal_token(next_token) if next_token else None
 

@@ -59,6 +59,19 @@ async def state_of(handle: WorkflowHandle) -> RequestStatus:
     return await handle.query(QUERY_STATUS, result_type=RequestStatus)
 
 
+async def runs_of(client, handle: WorkflowHandle) -> list:
+    """The history of each run of the workflow, first to last, following continue-as-new."""
+    histories, run_id = [], handle.first_execution_run_id
+    while run_id:
+        history = await client.get_workflow_handle(handle.id, run_id=run_id).fetch_history()
+        histories.append(history)
+        last = history.events[-1]
+        attributes = last.workflow_execution_continued_as_new_event_attributes
+        run_id = attributes.new_execution_run_id if last.HasField(
+            "workflow_execution_continued_as_new_event_attributes") else ""  # fmt: skip
+    return histories
+
+
 async def status_when(handle: WorkflowHandle, condition, what: str) -> RequestStatus:
     async def check():
         status = await state_of(handle)
@@ -143,7 +156,11 @@ async def test_a_30_day_key_is_reminded_renewed_in_place_expires_and_is_cleaned_
         names = [s["metadata"]["name"] for s in kube.secrets(NAMESPACE)]
         assert secret_name(request_id) not in names
         assert len({m["Message-ID"] for m in mails(mail, email)}) == 5
-        record_history("key-expired", await handle.fetch_history())
+        # Two runs: the first ended in the renewal (continue-as-new), the second in expiry.
+        runs = await runs_of(env.client, handle)
+        assert len(runs) == 2
+        record_history("v2-renewed-in-place", runs[0])
+        record_history("v2-key-expired", runs[1])
         stop.set()
         await worker
 
@@ -209,5 +226,8 @@ async def test_an_undecided_renewal_outlives_the_key_and_goes_on_as_a_new_cycle(
         assert base64.b64decode(secret.data["api-key"]).decode() == new_key
         assert secret.metadata.annotations["llm-key-requestor/cycle"] == "2"
         assert new["Message-ID"] != approved["Message-ID"]
+        runs = await runs_of(env.client, handle)
+        assert len(runs) == 2, "the renewal went on as a run of its own"
+        record_history("v2-renewal-outlived-key", runs[0])
         stop.set()
         await worker

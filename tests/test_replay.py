@@ -13,6 +13,7 @@ safely"):
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from temporalio.worker import Replayer
 from conftest import mail_to, unique_email, wait_until
 from domain import QUERY_STATUS, RequestStatus, Review, workflow_id
 from test_key_request_flow import submit
+from test_reconcile import orphan, reconcile
 from workflows.key_request import KeyRequestWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
@@ -44,9 +46,16 @@ async def test_recorded_history_replays(path):
     await Replayer(workflows=[KeyRequestWorkflow]).replay_workflow(history)
 
 
-async def test_fresh_histories_replay_and_can_be_recorded(api, mail, temporal_client):
+async def test_fresh_histories_replay_and_can_be_recorded(
+    api, mail, temporal_client, litellm, core_api, settings, admin_headers
+):
     """Runs each path once on the real server; replays it; records it when asked to."""
     runs = {}
+    # LiteLLM refuses the next key: alone, so that no other request takes the refusal.
+    litellm.reject_next(1, status=400, message="max_budget must be positive", param="max_budget")
+    email = unique_email("approve.example.com")
+    runs["failed"] = ((await submit(api, email))["request_id"], email)
+    await mail_to(mail, email)
     for name, domain in (("policy-approved", "approve.example.com"),
                          ("policy-denied", "deny.example.com")):  # fmt: skip
         email = unique_email(domain)
@@ -57,6 +66,22 @@ async def test_fresh_histories_replay_and_can_be_recorded(api, mail, temporal_cl
     await handle.signal("approve", Review(reviewer="alice", reason="ok"))
     await handle.signal("deny", Review(reviewer="late"))  # ignored
     runs["signal-approved"] = (request_id, email)
+    email = unique_email("manual.example.com")
+    request_id = (await submit(api, email))["request_id"]
+    answer = await api.post(
+        f"/api/admin/requests/{request_id}/approve", json={"reviewer": "bo"}, headers=admin_headers
+    )
+    assert answer.status_code == 200, answer.text
+    runs["admin-approved"] = (request_id, email)
+    # A pending Secret with no workflow behind it: the reconciler starts one.
+    email, request_id = unique_email("approve.example.com"), uuid.uuid4().hex[:20]
+    orphan(core_api, f"llm-key-request-{request_id}",
+           {"app.kubernetes.io/component": "llm-key-request", "request-state": "pending",
+            "llm-key-requestor/recorded-state": "pending"},
+           {"state": "pending", "llm-key-requestor/email": email,
+            "llm-key-requestor/model": "gpt-4o"})  # fmt: skip
+    assert (await reconcile(temporal_client, settings)).resumed >= 1
+    runs["reconciler-resumed"] = (request_id, email)
 
     replayer = Replayer(workflows=[KeyRequestWorkflow])
     for name, (request_id, email) in runs.items():

@@ -106,6 +106,7 @@ class KeyRequestWorkflow:
         self._renewal: Resubmission | None = None  # asked for, not yet acted on
         self._renewing = False
         self._resubmitted: Resubmission | None = None  # a finished request asked for again
+        self._published: dict = {}
 
     @workflow.run
     async def run(self, request: KeyRequest) -> FinalState:
@@ -274,10 +275,29 @@ class KeyRequestWorkflow:
             if reminders and expires is not None:
                 wakes.append(expires - timedelta(seconds=reminders[0]))
             timeout = min(wakes) - now if wakes else None
+            self._publish()
             try:
                 await workflow.wait_condition(self._has_order, timeout=timeout)
             except TimeoutError:
                 pass
+
+    def _publish(self) -> None:
+        """The key's life in the workflow's memo, which the admin list reads from visibility
+        (no query per row). Written only when it changed; never an email or a key."""
+        status = self._status
+        memo = {
+            "key_expires": status.key_expires or "",
+            "next_reminder": status.next_reminder,
+            "cycle": status.cycle,
+            "revoked_at": status.revoked_at,
+            "revoked_by": status.revoked_by,
+            "revocation_reason": status.revocation_reason,
+            "rotated_at": status.rotated_at,
+            "cleanup_at": status.cleanup_at,
+        }
+        if memo != self._published:
+            workflow.upsert_memo(memo)
+            self._published = memo
 
     def _has_order(self) -> bool:
         return (
@@ -380,6 +400,7 @@ class KeyRequestWorkflow:
             self._status.cycle = self._plan.cycle
         retention = timedelta(seconds=self._plan.retention)
         self._status.cleanup_at = _iso(workflow.now() + retention)
+        self._publish()
         try:
             await workflow.wait_condition(lambda: self._resubmitted is not None, timeout=retention)
         except TimeoutError:
