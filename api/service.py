@@ -18,6 +18,7 @@ from temporalio.client import (
     WorkflowExecution,
     WorkflowExecutionDescription,
     WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.client import (
     WorkflowExecutionStatus as Status,
@@ -154,10 +155,16 @@ class KeyRequests:
             return await handle.execute_update(
                 UPDATE_RESUBMIT, again, result_type=ResubmitAnswer, rpc_timeout=_RPC
             )
-        except (WorkflowUpdateFailedError, RPCError) as exc:
+        except (
+            WorkflowUpdateFailedError,
+            WorkflowUpdateRPCTimeoutOrCancelledError,
+            RPCError,
+        ) as exc:
             if isinstance(exc, RPCError) and exc.status in _UNREACHABLE:
                 raise
-            # Closed meanwhile, or a run of older code without the update: say what it is.
+            # Closed meanwhile, a run of older code without the update, or a worker too busy
+            # to answer within _RPC (the update may still be applied; a repeat is harmless):
+            # say what the request is.
             status = await self.status(request_id_from_workflow_id(desc.id))
             return ResubmitAnswer("current", status)
 
