@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from temporalio.common import SearchAttributeKey
@@ -22,10 +22,17 @@ class RequestState(StrEnum):
     DENIED = "denied"
     EXPIRED = "expired"
     FAILED = "failed"
+    REVOKED = "revoked"  # the key was revoked by a person
+    KEY_EXPIRED = "key-expired"  # the key reached its expiry and was deleted
 
     @property
     def is_final(self) -> bool:
         return self is not RequestState.PENDING
+
+    @property
+    def is_finished(self) -> bool:
+        """No live key and nothing to wait for: only clean-up (or a new submission) is left."""
+        return self not in (RequestState.PENDING, RequestState.APPROVED)
 
 
 # Kubernetes: the names kubectl users rely on (kept from the polling service).
@@ -49,6 +56,16 @@ SIGNAL_APPROVE = "approve"
 SIGNAL_DENY = "deny"
 QUERY_STATUS = "status"
 UPDATE_DECIDE = "decide"
+# A key's life after the first email (PRODUCT.md, "A key's life").
+SIGNAL_REVOKE = "revoke"
+SIGNAL_ROTATE = "rotate"
+# The admin API needs an answer (409 on a second revocation), so it sends updates.
+UPDATE_REVOKE = "revoke-key"
+UPDATE_ROTATE = "rotate-key"
+UPDATE_RESUBMIT = "resubmit"
+# workflow.patched() ids: each marks a change of the commands a running workflow issues. Never
+# reuse or rename one; README, "Changing a workflow safely".
+PATCH_KEY_LIFECYCLE = "key-lifecycle"
 SA_STATE = SearchAttributeKey.for_keyword("KeyRequestState")
 SA_MODEL = SearchAttributeKey.for_keyword("KeyRequestModel")
 SEARCH_ATTRIBUTES = (SA_STATE, SA_MODEL)
@@ -93,6 +110,12 @@ class KeyRequest:
     email: str
     model: str
     requested_at: str  # ISO 8601, UTC
+    # Which turn of the request this is: 1 for the first submission, +1 for each renewal or
+    # new submission after the request finished. Part of each email's Message-ID.
+    cycle: int = 1
+    renewal: bool = False  # a renewal goes through the policy's `renewals` decision
+    # Set when a run continues as new with a live key: the state it carries over.
+    life: KeyLife | None = None
 
 
 @dataclass
@@ -164,11 +187,107 @@ class RequestStatus:
     key_expires: str | None = None
     deadline: str = ""
     updated_at: str = ""
+    cycle: int = 1
+    next_reminder: str = ""
+    revoked_at: str = ""
+    revoked_by: str = ""
+    revocation_reason: str = ""
+    rotated_at: str = ""
+    # When a finished request's Secret is deleted (lifecycle.retention after it finished).
+    cleanup_at: str = ""
+
+
+@dataclass
+class LifecyclePlan:
+    """What the workflow needs to run a key's life: read from the Secret and config.yaml by an
+    activity, so a running workflow never reads configuration itself."""
+
+    key_alias: str = ""
+    key_expires: str | None = None
+    cycle: int = 1
+    remind_before: list[int] = field(default_factory=list)  # seconds before expiry, descending
+    rotation_grace: int = 86400
+    retention: int = 30 * 86400
+
+
+@dataclass
+class KeyLife:
+    """What a run hands to the next when it continues as new: the state, nothing else."""
+
+    status: RequestStatus
+    old_key_alias: str = ""  # a rotated-out key, deleted at old_key_delete_at
+    old_key_delete_at: str = ""
+    rotations: int = 0
+
+
+@dataclass
+class Resubmission:
+    """The same email and model submitted again while the request's workflow runs."""
+
+    requested_at: str
+    # approval.resubmit_after, passed by the API so that the workflow never reads config.
+    resubmit_after_seconds: int = 0
+
+
+@dataclass
+class ResubmitAnswer:
+    # renewing: a renewal started; restarted: a finished request starts over; current: the
+    # key is live outside the reminder window (nothing sent); pending: still waiting for a
+    # decision; cooldown: denied less than resubmit_after ago (retry_after seconds left).
+    outcome: str
+    status: RequestStatus
+    retry_after: int = 0
+
+
+@dataclass
+class Revocation:
+    """The optional JSON object of the `revoke` signal."""
+
+    reviewer: str = ""
+    reason: str = ""
+    source: str = ""
+
+
+@dataclass
+class RotationOrder:
+    """The optional JSON object of the `rotate` signal; grace_seconds None means the config's."""
+
+    reviewer: str = ""
+    grace_seconds: int | None = None
+    source: str = ""
+
+
+@dataclass
+class KeyEnd:
+    """Ends the live key (revoked or key-expired): LiteLLM, the Secret, then the email."""
+
+    request_id: str
+    state: RequestState
+    reason: str = ""
+    reviewer: str = ""
+    source: str = ""
+
+
+@dataclass
+class RotatedKey:
+    key_alias: str
+    key_expires: str | None
+    old_key_alias: str
+
+
+@dataclass
+class HolderNotice:
+    """One email to the key holder about the key's life; kind names the email."""
+
+    request_id: str
+    kind: str  # reminder, renewed, renewal-denied, rotated, revoked, key-expired
+    cycle: int
+    detail: str = ""  # reminder: which point (e.g. "7d")
 
 
 # The reconciler.
 RECONCILE_SCHEDULE_ID = "llm-key-requestor-reconcile"
-RECONCILE_PHASES = ("pending", "legacy")
+RECONCILE_PHASES = ("pending", "legacy", "revoked")
 
 
 @dataclass

@@ -34,7 +34,9 @@ from pydantic_settings import (
 
 DEFAULT_CONFIG_FILE = Path(__file__).with_name("config.yaml")
 # Sections of config.yaml whose keys become `<section>_<key>` settings.
-_FLATTENED_SECTIONS = ("litellm", "approval", "smtp", "kubernetes", "temporal", "api")
+_FLATTENED_SECTIONS = (
+    "litellm", "approval", "smtp", "kubernetes", "temporal", "api", "lifecycle"
+)  # fmt: skip
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -95,6 +97,8 @@ class ApprovalRule(BaseModel):
     email_domains: tuple[str, ...] = ()
     decision: Decision
     reason: str = ""
+    # What a renewal of a key granted by this rule needs; unset: the same as `decision`.
+    renewals: Decision | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ApprovalRule:
@@ -194,6 +198,18 @@ class Settings(BaseSettings):
     api_cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
     api_max_body_bytes: int = Field(default=16384, ge=1024)
 
+    # A submission this soon after a denial is refused (429) instead of starting over.
+    approval_resubmit_after: Duration = timedelta(hours=24)
+
+    # A key's life after the first email: reminders this long before expiry, how long a
+    # rotated-out key keeps working, how long a finished request's Secret is kept.
+    lifecycle_remind_before: Annotated[tuple[Duration, ...], NoDecode] = (
+        timedelta(days=7),
+        timedelta(days=1),
+    )
+    lifecycle_rotation_grace: Duration = timedelta(hours=24)
+    lifecycle_retention: Duration = timedelta(days=30)
+
     admin_token: SecretStr = SecretStr("")
     # Keys the request id derived from (email, model), so ids reveal nothing about the email.
     request_id_key: SecretStr = SecretStr(BUILT_IN_REQUEST_ID_KEY)
@@ -209,10 +225,36 @@ class Settings(BaseSettings):
         "approval_queue_interval",
         "litellm_timeout",
         "smtp_timeout",
+        "lifecycle_retention",
     )
     @classmethod
     def _durations_positive(cls, value: timedelta | None) -> timedelta | None:
         return _positive(value)
+
+    @field_validator("lifecycle_rotation_grace", "approval_resubmit_after")
+    @classmethod
+    def _durations_not_negative(cls, value: timedelta) -> timedelta:
+        if value.total_seconds() < 0:
+            raise ValueError("must be 0s or longer")
+        return value
+
+    @field_validator("lifecycle_remind_before", mode="before")
+    @classmethod
+    def _remind_points(cls, value: Any) -> Any:
+        # LIFECYCLE_REMIND_BEFORE=7d,1d (or a JSON/YAML list, or "" for no reminders).
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                return yaml.safe_load(value)
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        return value
+
+    @field_validator("lifecycle_remind_before")
+    @classmethod
+    def _remind_points_positive(cls, value: tuple[timedelta, ...]) -> tuple[timedelta, ...]:
+        for point in value:
+            _positive(point)
+        return tuple(sorted(set(value), reverse=True))
 
     @field_validator("litellm_base_url")
     @classmethod
@@ -284,14 +326,16 @@ class Settings(BaseSettings):
     def model_ids(self) -> list[str]:
         return [m.id for m in self.models]
 
-    def decide(self, email: str, model: str) -> tuple[Decision, str, str]:
-        """(decision, reason, rule name) of the first matching rule, else the default."""
+    def decide(self, email: str, model: str, renewal: bool = False) -> tuple[Decision, str, str]:
+        """(decision, reason, rule name) of the first matching rule, else the default.
+
+        A renewal follows the rule's `renewals` when it has one.
+        """
         for rule in self.approval_rules:
             if rule.matches(email, model):
-                reason = rule.reason or (
-                    self.approval_default_reason if rule.decision == "deny" else ""
-                )
-                return rule.decision, reason, rule.name
+                decision = (rule.renewals if renewal else None) or rule.decision
+                reason = rule.reason or (self.approval_default_reason if decision == "deny" else "")
+                return decision, reason, rule.name
         reason = self.approval_default_reason if self.approval_default == "deny" else ""
         return self.approval_default, reason, "default"
 

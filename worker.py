@@ -68,6 +68,13 @@ def build_activities(
         requests.mint_key,
         requests.close_request,
         requests.notify_requester,
+        requests.plan_key_life,
+        requests.tell_holder,
+        requests.end_key,
+        requests.extend_key,
+        requests.rotate_key,
+        requests.delete_old_key,
+        requests.delete_request,
         reconcile.reconcile_page,
     ]
 

@@ -31,10 +31,66 @@ class Notice:
     api_key: str = ""
     key_expires: str = ""
     proxy_url: str = ""
+    # Lifecycle emails: kind (reminder, renewed, renewal-denied, rotated, revoked, key-expired);
+    # empty for the outcome of a decision, which `state` names.
+    kind: str = ""
+    cycle: int = 1
+    detail: str = ""
+
+    @property
+    def carries_key(self) -> bool:
+        return self.kind == "rotated" or (not self.kind and self.state is RequestState.APPROVED)
+
+
+# Said in every email that invites a renewal.
+HOW_TO_RENEW = (
+    "To renew it, submit the same request again (same email address and model) on the request "
+    "form or with POST /api/request-key; renewals go through the approval policy again."
+)
+
+
+def _lifecycle_paragraphs(notice: Notice) -> tuple[str, list[str]]:
+    model, expires = notice.model, notice.key_expires or "never"
+    if notice.kind == "reminder":
+        return f"Your API key for {model} expires on {expires}", [
+            f"Your API key for {model} expires on {expires} (in about {notice.detail}).",
+            HOW_TO_RENEW,
+            "Renewed in time, the key stays the same; you only get a new expiry date.",
+        ]
+    if notice.kind == "renewed":
+        return f"Your API key for {model} was renewed", [
+            f"Your API key for {model} was renewed. It now expires on {expires}.",
+            "Keep using the key you have: it has not changed.",
+        ]
+    if notice.kind == "renewal-denied":
+        return f"Your API key renewal for {model} was not approved", [
+            f"Your request to renew your API key for {model} was not approved.",
+            f"Reason: {notice.reason or 'none given'}",
+            f"Your current key keeps working until {expires}.",
+        ]
+    if notice.kind == "rotated":
+        return f"Your new API key for {model}", [
+            f"Your API key for {model} was rotated: here is its replacement.",
+            f"It works for the model {model} only and expires on {expires}.",
+            "Switch to it now: the previous key stops working after a short grace period.",
+        ]
+    if notice.kind == "revoked":
+        by = f" by {notice.reviewer}" if notice.reviewer else ""
+        return f"Your API key for {model} was revoked", [
+            f"Your API key for {model} was revoked{by} and no longer works.",
+            f"Reason: {notice.reason or 'none given'}",
+            "If you still need a key, submit a new request.",
+        ]
+    return f"Your API key for {model} has expired", [
+        f"Your API key for {model} reached its expiry date and no longer works.",
+        HOW_TO_RENEW,
+    ]
 
 
 def _paragraphs(notice: Notice) -> tuple[str, list[str]]:
     """Subject and body paragraphs; the key itself is added by compose()."""
+    if notice.kind:
+        return _lifecycle_paragraphs(notice)
     model = notice.model
     if notice.reviewer.startswith("policy:"):
         by = " automatically by the approval policy"
@@ -75,13 +131,14 @@ def compose(notice: Notice, sender: str) -> EmailMessage:
     message["From"] = sender
     message["To"] = notice.email
     message["Date"] = formatdate(usegmt=True)
-    # Stable per request and outcome: a resend after a crash is recognisably the same mail.
-    message["Message-ID"] = f"<{notice.request_id}.{notice.state.value}@llm-key-requestor>"
+    # Stable per request, cycle and kind: a resend after a crash is recognisably the same mail,
+    # and every other mail has an id of its own. The first cycle keeps the original form.
+    message["Message-ID"] = f"<{message_id(notice)}@llm-key-requestor>"
     message["X-Key-Request-Id"] = notice.request_id
 
     text = list(paragraphs)
     markup = [f"<p>{html.escape(p)}</p>" for p in paragraphs]
-    if notice.state is RequestState.APPROVED:
+    if notice.carries_key:
         usage = (
             f"curl {notice.proxy_url}/v1/chat/completions \\\n"
             f'  -H "Authorization: Bearer $LITELLM_KEY" -H "Content-Type: application/json" \\\n'
@@ -100,6 +157,14 @@ def compose(notice: Notice, sender: str) -> EmailMessage:
     message.set_content("\n\n".join(text) + "\n")
     message.add_alternative("<html><body>" + "".join(markup) + "</body></html>\n", subtype="html")
     return message
+
+
+def message_id(notice: Notice) -> str:
+    kind = notice.kind or notice.state.value
+    if notice.cycle == 1 and not notice.kind:
+        return f"{notice.request_id}.{kind}"
+    detail = f".{notice.detail}" if notice.kind in ("reminder", "rotated") else ""
+    return f"{notice.request_id}.{notice.cycle}.{kind}{detail}"
 
 
 class Mailer:

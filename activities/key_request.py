@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from kubernetes import client
 from temporalio import activity
 
+import audit
 from activities.email import Mailer, Notice, compose
 from activities.kubernetes import SecretStore
 from activities.litellm import LiteLLMClient
@@ -30,11 +31,15 @@ from domain import (
     STATE_LABEL,
     Decision,
     FinalState,
+    HolderNotice,
+    KeyEnd,
     KeyRequest,
+    LifecyclePlan,
     MintedKey,
     PolicyOutcome,
     RecordedRequest,
     RequestState,
+    RotatedKey,
     secret_name,
     workflow_id,
 )
@@ -85,6 +90,15 @@ REVIEWER, REASON = _a("reviewer"), _a("reason")
 KEY_ALIAS, KEY_EXPIRES = _a("key-alias"), _a("key-expires")
 NOTIFIED = _a("notified")  # the state the requester was last emailed about
 DECISION_ANNOTATIONS = (DECISION, DECISION_SOURCE, DECIDED_AT, REVIEWER, REASON)
+# A key's life: which cycle the request is in (1 = first submission), the last lifecycle email
+# sent (so a retried activity does not send it twice), rotation and revocation records.
+CYCLE, LAST_NOTICE = _a("cycle"), _a("last-notice")
+ROTATION, NEXT_KEY_ALIAS, OLD_KEY_ALIAS = _a("rotation"), _a("next-key-alias"), _a("old-key-alias")
+RENEWED_CYCLE, ENDED_BY, ENDED_AT = _a("renewed-cycle"), _a("ended-by"), _a("ended-at")
+LIFE_ANNOTATIONS = (CYCLE, LAST_NOTICE, ROTATION, NEXT_KEY_ALIAS, OLD_KEY_ALIAS, RENEWED_CYCLE,
+                    ENDED_BY, ENDED_AT)  # fmt: skip
+# A rotation's new key, reserved here before LiteLLM sees it (the same pattern as minting).
+NEXT_KEY_DATA = "api-key-next"
 
 
 def now_iso() -> str:
@@ -134,9 +148,18 @@ def _write_decision(secret: client.V1Secret, decision: Decision) -> None:
     )
 
 
-def _key_of(secret: client.V1Secret) -> str:
-    raw = (secret.data or {}).get(API_KEY_DATA)
+def _key_of(secret: client.V1Secret, field: str = API_KEY_DATA) -> str:
+    raw = (secret.data or {}).get(field)
     return base64.b64decode(raw).decode() if raw else ""
+
+
+def _encoded(key: str) -> str:
+    return base64.b64encode(key.encode()).decode()
+
+
+def cycle_of(secret: client.V1Secret) -> int:
+    value = (secret.metadata.annotations or {}).get(CYCLE, "1")
+    return int(value) if value.isdigit() else 1
 
 
 def new_secret(request: KeyRequest) -> client.V1Secret:
@@ -179,15 +202,21 @@ class KeyRequestActivities:
 
         def adopt(secret: client.V1Secret) -> bool:
             fresh = new_secret(request)
-            if recorded_state(secret) not in (RequestState.PENDING, RequestState.APPROVED):
-                # Denied, expired or failed, and asked for again: the request starts over.
+            if recorded_state(secret).is_finished:
+                # Finished (denied, expired, failed, revoked, key-expired) and asked for again:
+                # the request starts over as the next cycle.
+                cycle = max(request.cycle, cycle_of(secret) + 1)
                 secret.metadata.labels = {**(secret.metadata.labels or {}), **fresh.metadata.labels}
+                dropped = (*DECISION_ANNOTATIONS, NOTIFIED, KEY_ALIAS, KEY_EXPIRES)
+                dropped += LIFE_ANNOTATIONS
                 annotations = {
-                    k: v
-                    for k, v in (secret.metadata.annotations or {}).items()
-                    if k not in (*DECISION_ANNOTATIONS, NOTIFIED, KEY_ALIAS, KEY_EXPIRES)
+                    k: v for k, v in (secret.metadata.annotations or {}).items() if k not in dropped
                 }
-                secret.metadata.annotations = {**annotations, **fresh.metadata.annotations}
+                secret.metadata.annotations = {
+                    **annotations,
+                    **fresh.metadata.annotations,
+                    CYCLE: str(cycle),
+                }
                 secret.data = None
                 return True
             # Live already. A Secret written by the polling service, or by hand, lacks some of
@@ -234,7 +263,7 @@ class KeyRequestActivities:
     @heartbeating
     async def evaluate_policy(self, request: KeyRequest) -> PolicyOutcome:
         """Apply config.yaml's approval rules; read here so a restart picks up new rules."""
-        decision, reason, rule = self.settings.decide(request.email, request.model)
+        decision, reason, rule = self.settings.decide(request.email, request.model, request.renewal)
         return PolicyOutcome(
             decision=decision,
             reason=reason,
@@ -269,8 +298,11 @@ class KeyRequestActivities:
             return MintedKey(annotations[KEY_ALIAS], annotations.get(KEY_EXPIRES) or None)
 
         # The Secret's uid makes the alias unique to this Secret: a request whose Secret was
-        # deleted and recreated gets a new key instead of colliding with the old alias.
+        # deleted and recreated gets a new key instead of colliding with the old alias. Later
+        # cycles (a gone key replaced) add the cycle, so each cycle's key has its own alias.
         alias = f"{name}-{secret.metadata.uid[:8]}"
+        if cycle_of(secret) > 1:
+            alias += f"-c{cycle_of(secret)}"
         s = self.settings
         body = {
             "key_alias": alias,
@@ -291,6 +323,8 @@ class KeyRequestActivities:
 
         await self.store.update(name, mark_approved)
         activity.logger.info("minted key %s for request %s", alias, request.request_id)
+        audit.record(audit.KEY_MINTED, request_id=request.request_id, actor=decision.reviewer,
+                     source=decision.source, key_alias=alias, cycle=cycle_of(secret))  # fmt: skip
         return MintedKey(alias, expires or None)
 
     @activity.defn
@@ -335,6 +369,7 @@ class KeyRequestActivities:
             api_key=_key_of(secret),
             key_expires=annotations.get(KEY_EXPIRES, ""),
             proxy_url=self.settings.litellm_public_url or self.settings.litellm_base_url,
+            cycle=cycle_of(secret),
         )
         await self.mailer.send(compose(notice, self.settings.smtp_from))
 
@@ -343,6 +378,226 @@ class KeyRequestActivities:
             return True
 
         await self.store.update(name, mark_notified)
+
+    # A key's life after the first email.
+
+    async def _secret(self, request_id: str) -> client.V1Secret:
+        name = secret_name(request_id)
+        secret = await self.store.get(name)
+        if secret is None:
+            raise RuntimeError(f"secret {name} is missing; the key's life cannot go on without it")
+        return secret
+
+    @activity.defn
+    @heartbeating
+    async def plan_key_life(self, request_id: str) -> LifecyclePlan:
+        """The key's alias and expiry from the Secret, the timers' settings from config.yaml."""
+        s = self.settings
+        plan = LifecyclePlan(
+            remind_before=[int(p.total_seconds()) for p in s.lifecycle_remind_before],
+            rotation_grace=int(s.lifecycle_rotation_grace.total_seconds()),
+            retention=int(s.lifecycle_retention.total_seconds()),
+        )
+        secret = await self.store.get(secret_name(request_id))
+        if secret is not None:
+            annotations = secret.metadata.annotations or {}
+            plan.key_alias = annotations.get(KEY_ALIAS, "")
+            plan.key_expires = annotations.get(KEY_EXPIRES) or None
+            plan.cycle = cycle_of(secret)
+        return plan
+
+    @activity.defn
+    @heartbeating
+    async def tell_holder(self, notice: HolderNotice) -> None:
+        """One lifecycle email (reminder, renewed, rotated, revoked, key-expired...), once."""
+        secret = await self._secret(notice.request_id)
+        annotations = secret.metadata.annotations or {}
+        sent = f"{notice.cycle}.{notice.kind}.{notice.detail}"[:200]
+        if annotations.get(LAST_NOTICE) == sent:
+            return
+        await self.mailer.send(
+            compose(
+                Notice(
+                    request_id=notice.request_id,
+                    state=recorded_state(secret),
+                    email=annotations.get(EMAIL, ""),
+                    model=annotations.get(MODEL, ""),
+                    reason=notice.detail if notice.kind == "renewal-denied" else
+                    annotations.get(REASON, ""),
+                    reviewer=annotations.get(ENDED_BY) or annotations.get(REVIEWER, ""),
+                    api_key=_key_of(secret) if notice.kind == "rotated" else "",
+                    key_expires=annotations.get(KEY_EXPIRES, ""),
+                    proxy_url=self.settings.litellm_public_url or self.settings.litellm_base_url,
+                    kind=notice.kind,
+                    cycle=notice.cycle,
+                    detail=notice.detail,
+                ),
+                self.settings.smtp_from,
+            )
+        )  # fmt: skip
+
+        def mark_sent(secret: client.V1Secret) -> bool:
+            secret.metadata.annotations[LAST_NOTICE] = sent
+            return True
+
+        await self.store.update(secret_name(notice.request_id), mark_sent)
+
+    @activity.defn
+    @heartbeating
+    async def end_key(self, end: KeyEnd, aliases: list[str]) -> None:
+        """Revoked or expired: delete the key(s) in LiteLLM, then the plaintext, then mark it."""
+        if aliases:
+            await self.litellm.delete_keys(aliases)
+
+        def ended(secret: client.V1Secret) -> bool:
+            if recorded_state(secret) is end.state and not secret.data:
+                return False
+            set_state(secret, end.state)
+            secret.data = None
+            annotations = secret.metadata.annotations
+            annotations.update({REASON: end.reason, ENDED_AT: now_iso(), ENDED_BY: end.reviewer})
+            for name in (NEXT_KEY_ALIAS, OLD_KEY_ALIAS):
+                annotations.pop(name, None)
+            return True
+
+        if await self.store.update(secret_name(end.request_id), ended) is None:
+            log.warning("secret %s is gone; its key is deleted in LiteLLM",
+                        secret_name(end.request_id))  # fmt: skip
+        event = audit.KEY_REVOKED if end.state is RequestState.REVOKED else audit.KEY_EXPIRED
+        audit.record(event, request_id=end.request_id, actor=end.reviewer, source=end.source,
+                     key_aliases=",".join(aliases), reason=end.reason)  # fmt: skip
+
+    @activity.defn
+    @heartbeating
+    async def extend_key(self, request: KeyRequest, decision: Decision) -> MintedKey | None:
+        """Renewal in place: the same key gets a new duration from now. None if LiteLLM no
+        longer has the key (it is then replaced by a new one)."""
+        secret = await self._secret(request.request_id)
+        annotations = secret.metadata.annotations or {}
+        if annotations.get(RENEWED_CYCLE) == str(request.cycle):  # an earlier attempt did it
+            return MintedKey(annotations.get(KEY_ALIAS, ""), annotations.get(KEY_EXPIRES) or None)
+        key = _key_of(secret)
+        if not key:
+            return None
+        duration = _seconds(self.settings.litellm_key_duration)
+        updated = await self.litellm.update_key(key, {"duration": duration})
+        if updated is None:
+            return None
+        expires = updated.get("expires") or ""
+        if not expires and duration:
+            expires = ((await self.litellm.key_info(key)) or {}).get("expires") or ""
+
+        def renewed(secret: client.V1Secret) -> bool:
+            set_state(secret, RequestState.APPROVED)
+            _write_decision(secret, decision)
+            secret.metadata.annotations.update({
+                KEY_EXPIRES: expires, CYCLE: str(request.cycle),
+                RENEWED_CYCLE: str(request.cycle), REQUESTED_AT: request.requested_at,
+            })  # fmt: skip
+            return True
+
+        await self.store.update(secret_name(request.request_id), renewed)
+        alias = annotations.get(KEY_ALIAS, "")
+        audit.record(audit.KEY_RENEWED, request_id=request.request_id, actor=decision.reviewer,
+                     source=decision.source, key_alias=alias, expires=expires,
+                     cycle=request.cycle)  # fmt: skip
+        return MintedKey(alias, expires or None)
+
+    @activity.defn
+    @heartbeating
+    async def rotate_key(self, request: KeyRequest, rotation: int) -> RotatedKey:
+        """Mint the rotation's new key exactly once, then make it the Secret's key.
+
+        Reserve-then-mint, as for the first key: the new key and its alias are stored before
+        LiteLLM sees them, so a retry after a crash mints the same key or finds it minted.
+        The old key stays live until the workflow deletes it after the grace period.
+        """
+        name = secret_name(request.request_id)
+
+        def reserve(secret: client.V1Secret) -> bool:
+            annotations = secret.metadata.annotations
+            if annotations.get(ROTATION) == str(rotation) or _key_of(secret, NEXT_KEY_DATA):
+                return False
+            uid = secret.metadata.uid[:8]
+            annotations[NEXT_KEY_ALIAS] = f"{name}-{uid}-c{cycle_of(secret)}-r{rotation}"
+            next_key = "sk-" + secrets.token_urlsafe(32)
+            secret.data = {**(secret.data or {}), NEXT_KEY_DATA: _encoded(next_key)}
+            return True
+
+        secret = await self.store.update(name, reserve)
+        if secret is None:
+            raise RuntimeError(f"secret {name} is missing; cannot rotate its key")
+        annotations = secret.metadata.annotations
+        if annotations.get(ROTATION) == str(rotation):
+            return RotatedKey(annotations.get(KEY_ALIAS, ""), annotations.get(KEY_EXPIRES) or None,
+                              annotations.get(OLD_KEY_ALIAS, ""))  # fmt: skip
+        alias, old_alias = annotations[NEXT_KEY_ALIAS], annotations.get(KEY_ALIAS, "")
+        # The new key ends when the old one would have: rotation is not renewal.
+        left = _until(annotations.get(KEY_EXPIRES, ""))
+        s = self.settings
+        body = {
+            "key_alias": alias,
+            "models": [request.model],
+            "user_id": request.email,
+            "duration": None if left is None else f"{max(left, 60)}s",
+            "max_budget": s.litellm_max_budget,
+            "budget_duration": _seconds(s.litellm_budget_duration),
+            "metadata": {**s.litellm_metadata, "request_id": request.request_id},
+        }
+        minted = await self.litellm.generate_key(_key_of(secret, NEXT_KEY_DATA), body)
+        expires = minted.get("expires") or ""
+
+        def swap(secret: client.V1Secret) -> bool:
+            annotations = secret.metadata.annotations
+            if annotations.get(ROTATION) == str(rotation):
+                return False
+            secret.data = {API_KEY_DATA: secret.data[NEXT_KEY_DATA]}
+            annotations.pop(NEXT_KEY_ALIAS, None)
+            annotations.update({KEY_ALIAS: alias, KEY_EXPIRES: expires, OLD_KEY_ALIAS: old_alias,
+                                ROTATION: str(rotation)})  # fmt: skip
+            return True
+
+        await self.store.update(name, swap)
+        audit.record(audit.KEY_ROTATED, request_id=request.request_id, key_alias=alias,
+                     old_key_alias=old_alias, rotation=rotation)  # fmt: skip
+        return RotatedKey(alias, expires or None, old_alias)
+
+    @activity.defn
+    @heartbeating
+    async def delete_old_key(self, request_id: str, alias: str) -> None:
+        """A rotated-out key, once its grace period is over."""
+        await self.litellm.delete_keys([alias])
+
+        def forget(secret: client.V1Secret) -> bool:
+            if secret.metadata.annotations.get(OLD_KEY_ALIAS) != alias:
+                return False
+            del secret.metadata.annotations[OLD_KEY_ALIAS]
+            return True
+
+        await self.store.update(secret_name(request_id), forget)
+        audit.record(audit.KEY_DELETED, request_id=request_id, source="timer", key_alias=alias)
+
+    @activity.defn
+    @heartbeating
+    async def delete_request(self, request_id: str, cycle: int) -> None:
+        """lifecycle.retention after the request finished: its Secret goes. Only if it is
+        still that finished cycle: a new submission meanwhile keeps it."""
+        secret = await self.store.get(secret_name(request_id))
+        if secret is None or not recorded_state(secret).is_finished or cycle_of(secret) > cycle:
+            return
+        if await self.store.delete(secret.metadata.name, secret.metadata.resource_version):
+            audit.record(audit.SECRET_DELETED, request_id=request_id, source="timer",
+                         state=recorded_state(secret).value)  # fmt: skip
+
+
+def _until(expires: str) -> int | None:
+    """Seconds from now until an ISO time; None when there is no time (never expires)."""
+    if not expires:
+        return None
+    moment = datetime.fromisoformat(expires.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int((moment - datetime.now(UTC)).total_seconds())
 
 
 def _seconds(duration) -> str | None:

@@ -129,6 +129,19 @@ class SecretStore:
             f"Kubernetes API: secret {name} kept changing under us ({_CONFLICT_RETRIES} conflicts)"
         )
 
+    async def delete(self, name: str, resource_version: str) -> bool:
+        """Delete the Secret if it is still the version the caller decided on; False if it
+        changed meanwhile (a new submission reused it) or is gone."""
+        body = client.V1DeleteOptions(preconditions=client.V1Preconditions(
+            resource_version=resource_version))  # fmt: skip
+        try:
+            await self._call(self.api.delete_namespaced_secret, name, self.namespace, body=body)
+        except ApiException as exc:
+            if exc.status in (404, 409):
+                return False
+            raise _explain(exc, f"deleting secret {name}") from None
+        return True
+
     async def list_page(
         self, label_selector: str, limit: int, continue_token: str | None = None
     ) -> SecretPage:

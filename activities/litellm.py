@@ -133,3 +133,27 @@ class LiteLLMClient:
         raise KeyRejected(
             f"LiteLLM refused to mint the key ({response.status_code}): {_error_message(response)}"
         )
+
+    async def update_key(self, key: str, body: dict) -> dict | None:
+        """Change an existing key (a new `duration` extends it from now); None if it is gone.
+
+        Every other answer is retried: extending a key the holder relies on must not be given
+        up on by accident.
+        """
+        response = await self._request("POST", "/key/update", json={**body, "key": key})
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise LiteLLMUnavailable(
+                f"LiteLLM /key/update answered {response.status_code}: {_error_message(response)}"
+            )
+        data = response.json()
+        return {k: v for k, v in data.items() if k != "key"}
+
+    async def delete_keys(self, aliases: list[str]) -> None:
+        """Delete the keys with these aliases; keys already gone count as deleted."""
+        response = await self._request("POST", "/key/delete", json={"key_aliases": aliases})
+        if response.status_code not in (200, 404):
+            raise LiteLLMUnavailable(
+                f"LiteLLM /key/delete answered {response.status_code}: {_error_message(response)}"
+            )

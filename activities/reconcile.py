@@ -35,6 +35,7 @@ from domain import (
     SECRET_PREFIX,
     SIGNAL_APPROVE,
     SIGNAL_DENY,
+    SIGNAL_REVOKE,
     STATE_LABEL,
     KeyRequest,
     ReconcileCounts,
@@ -42,6 +43,7 @@ from domain import (
     ReconcilePageResult,
     RequestState,
     Review,
+    Revocation,
     workflow_id,
 )
 from settings import Settings
@@ -55,11 +57,17 @@ SELECTORS = {
     # ones, and approved ones (relabelled by hand, or already served by it: see _reconcile).
     "legacy": f"{COMPONENT_LABEL}={COMPONENT},!{RECORDED_STATE_LABEL},"
     f"{STATE_LABEL} in (pending,approved)",
+    # Live keys relabelled `request-state=revoked` with kubectl: the revocation is relayed.
+    "revoked": (
+        f"{COMPONENT_LABEL}={COMPONENT},{RECORDED_STATE_LABEL}=approved,{STATE_LABEL}=revoked"
+    ),
 }
 # Annotation names the polling service may have used for the same facts.
 LEGACY_EMAIL = ("email", "user-email", "requester-email")
 LEGACY_MODEL = ("llm", "model", "llm-model")
 _CONCURRENCY = 16
+# A request-state set with kubectl, and the signal that relays it.
+SIGNALS = {"approved": SIGNAL_APPROVE, "denied": SIGNAL_DENY, "revoked": SIGNAL_REVOKE}
 
 
 def _first(annotations: dict, names: tuple[str, ...]) -> str:
@@ -130,10 +138,16 @@ class ReconcileActivities:
                 return "adopted"
             # Relabelled approved with kubectl before the cut-over, never served: fall through
             # and relay the approval like any kubectl decision.
-        if relabelled:
+        if relabelled or labels.get(STATE_LABEL) == "revoked":
             await self._start(secret, signal=labels[STATE_LABEL])
             return "relayed"
         if running:
+            # Past its decision, the workflow now waits on the key's timers or the clean-up;
+            # a Secret still saying pending is brought in line.
+            state = run.typed_search_attributes.get(SA_STATE)
+            if state and state != "pending" and recorded_state(secret) is RequestState.PENDING:
+                await self._correct(secret.metadata.name, RequestState(state))
+                return "corrected"
             return "in_flight"
         if run is not None and run.status == WorkflowExecutionStatus.COMPLETED:
             final = run.typed_search_attributes.get(SA_STATE)
@@ -159,11 +173,13 @@ class ReconcileActivities:
             created.isoformat().replace("+00:00", "Z") if created else now_iso()
         )
         review = Review(reviewer="kubectl", reason=annotations.get("llm-key-requestor/reason", ""))
+        if signal == "revoked":
+            review = Revocation("kubectl", "Revoked by an operator with kubectl.", "kubectl")
         await start_key_request(
             self.temporal,
             self.settings.temporal_task_queue,
             KeyRequest(request_id, email, model, requested_at),
-            signal={"approved": SIGNAL_APPROVE, "denied": SIGNAL_DENY}.get(signal or ""),
+            signal=SIGNALS.get(signal or ""),
             review=review,
         )
         return "resumed"

@@ -34,19 +34,32 @@ from api.schemas import (
     RequestPage,
     RequestStatusOut,
     ReviewIn,
+    RevokeIn,
+    RotateIn,
 )
 from api.service import (
     DECISION_WAIT,
     RETRIES,
     AlreadyDecided,
     BadPageToken,
+    CoolingDown,
     DecisionUnconfirmed,
     KeyRequests,
     UnknownRequest,
 )
 from connection import connect_temporal
-from domain import Decision, RequestState, RequestStatus, is_request_id, workflow_id
-from settings import ConfigError, Settings, load_settings
+from domain import (
+    UPDATE_REVOKE,
+    UPDATE_ROTATE,
+    Decision,
+    RequestState,
+    RequestStatus,
+    Revocation,
+    RotationOrder,
+    is_request_id,
+    workflow_id,
+)
+from settings import ConfigError, Settings, load_settings, parse_duration
 
 log = logging.getLogger("api")
 
@@ -58,7 +71,10 @@ ERRORS = {
     409: {"model": ErrorOut, "description": "The request is already decided"},
     413: {"model": ErrorOut, "description": "Body too large"},
     422: {"model": ErrorOut, "description": "Invalid input; the message names the field"},
-    429: {"model": ErrorOut, "description": "Temporal is rate limiting; retry after Retry-After"},
+    429: {
+        "model": ErrorOut,
+        "description": "Denied recently, or Temporal is rate limiting; retry after Retry-After",
+    },
     503: {
         "model": ErrorOut,
         "description": "Temporal is unreachable or refuses the service, or (decisions) no worker "
@@ -122,6 +138,13 @@ def _out(status: RequestStatus, public: bool = False) -> RequestStatusOut:
         key_expires=status.key_expires,
         deadline=status.deadline,
         workflow_id=workflow_id(status.request_id),
+        cycle=status.cycle,
+        next_reminder=status.next_reminder,
+        revoked_at=status.revoked_at,
+        revoked_by=status.revoked_by,
+        revocation_reason=status.revocation_reason,
+        rotated_at=status.rotated_at,
+        cleanup_at=status.cleanup_at,
     )
 
 
@@ -167,7 +190,9 @@ async def models(settings: SettingsDep) -> ModelList:
 async def request_key(
     body: KeyRequestIn, settings: SettingsDep, requests: RequestsDep
 ) -> KeyRequestOut:
-    """Start a key request. A repeat while one is pending or approved returns that one."""
+    """Start a key request. A repeat while one is pending returns that one; for a live key it
+    renews the key inside the renewal window (lifecycle.remind_before) and otherwise reports
+    the key's expiry; after a denial it is refused with 429 for approval.resubmit_after."""
     if body.llm not in settings.model_ids:
         raise RequestValidationError(
             [
@@ -179,9 +204,17 @@ async def request_key(
                 }
             ]
         )
-    status, started = await requests.submit(str(body.email), body.llm)
-    if started:
+    status, outcome = await requests.submit(str(body.email), body.llm)
+    if outcome in ("started", "restarted"):
         message = "Request received. You will get an email when it is decided."
+    elif outcome == "renewing":
+        message = "Renewal requested. You will get an email when it is decided."
+    elif status.state == RequestState.APPROVED:
+        message = (
+            "A request for this email and model is already approved; the key expires "
+            f"{status.key_expires or 'never'}. Renewal opens {status.next_reminder or 'later'}; "
+            "nothing was sent."
+        )
     else:
         message = f"A request for this email and model is already {status.state}."
     return KeyRequestOut(
@@ -190,6 +223,7 @@ async def request_key(
         model=status.model,
         message=message,
         workflow_id=workflow_id(status.request_id),
+        key_expires=status.key_expires,
     )
 
 
@@ -230,6 +264,37 @@ async def deny(request_id: str, body: DenyIn, requests: RequestsDep) -> RequestS
     return _out(await requests.decide(_checked_id(request_id), decision))
 
 
+@admin.post("/requests/{request_id}/revoke", responses=ERRORS)
+async def revoke(request_id: str, body: RevokeIn, requests: RequestsDep) -> RequestStatusOut:
+    """Delete the live key in LiteLLM and tell its holder why. 409 if there is no live key."""
+    order = Revocation(body.reviewer or "admin-api", body.reason, "api")
+    return _out(await requests.order_key(_checked_id(request_id), UPDATE_REVOKE, order))
+
+
+@admin.post("/requests/{request_id}/rotate", responses=ERRORS)
+async def rotate(
+    request_id: str, requests: RequestsDep, body: RotateIn | None = None
+) -> RequestStatusOut:
+    """Mint and email a new key; the old one is deleted after the grace period."""
+    body = body or RotateIn()
+    grace = None
+    if body.grace is not None:
+        try:
+            grace = int(parse_duration(body.grace).total_seconds())
+        except (ValueError, AttributeError):
+            raise RequestValidationError(
+                [
+                    {
+                        "loc": ("body", "grace"),
+                        "msg": f"{body.grace!r} is not a duration such as 0s, 30m or 2h",
+                        "type": "value_error",
+                    }
+                ]  # fmt: skip
+            ) from None
+    order = RotationOrder(body.reviewer or "admin-api", grace, "api")
+    return _out(await requests.order_key(_checked_id(request_id), UPDATE_ROTATE, order))
+
+
 # Errors: always JSON with a `message` a person can act on.
 
 
@@ -265,6 +330,16 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
     async def bad_token(_: Request, exc: BadPageToken) -> JSONResponse:
         message = "page_token: not a token from this listing; start again without page_token"
         return JSONResponse({"message": message}, 422)
+
+    @app.exception_handler(CoolingDown)
+    async def cooling_down(_: Request, exc: CoolingDown) -> JSONResponse:
+        message = (
+            f"request {exc.request_id} was denied recently; it can be submitted again in "
+            f"{exc.retry_after} s (approval.resubmit_after)"
+        )
+        return JSONResponse(
+            {"message": message}, 429, headers={"Retry-After": str(exc.retry_after)}
+        )
 
     @app.exception_handler(AlreadyDecided)
     async def decided(_: Request, exc: AlreadyDecided) -> JSONResponse:

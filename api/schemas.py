@@ -24,10 +24,13 @@ class KeyRequestIn(BaseModel):
 
 class KeyRequestOut(BaseModel):
     request_id: str
-    status: str = Field(description="pending, approved, denied, expired or failed")
+    status: str = Field(
+        description="pending, approved, denied, expired, failed, revoked or key-expired"
+    )
     model: str
     message: str
     workflow_id: str
+    key_expires: str | None = Field(default=None, description="The live key's expiry, if any")
 
 
 class RequestStatusOut(BaseModel):
@@ -43,6 +46,13 @@ class RequestStatusOut(BaseModel):
     key_expires: str | None = None
     deadline: str = ""
     workflow_id: str
+    cycle: int = Field(default=1, description="1 for the first key; +1 per renewal or new start")
+    next_reminder: str = ""
+    revoked_at: str = ""
+    revoked_by: str = ""
+    revocation_reason: str = ""
+    rotated_at: str = ""
+    cleanup_at: str = Field(default="", description="When the finished request's Secret goes")
 
 
 class RequestPage(BaseModel):
@@ -61,6 +71,20 @@ class ReviewIn(BaseModel):
 
 class DenyIn(ReviewIn):
     reason: str = Field(min_length=1, max_length=2000, description="Shown to the requester")
+
+
+class RevokeIn(ReviewIn):
+    reason: str = Field(min_length=1, max_length=2000, description="Shown to the key holder")
+
+
+class RotateIn(ReviewIn):
+    grace: str | None = Field(
+        default=None,
+        max_length=20,
+        description="How long the old key keeps working, e.g. 0s or 2h; "
+        "default lifecycle.rotation_grace",
+        examples=["0s"],
+    )
 
 
 class ErrorOut(BaseModel):

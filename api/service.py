@@ -11,6 +11,8 @@ import base64
 import hashlib
 import hmac
 import logging
+from collections.abc import Mapping
+from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 
 from temporalio.client import (
@@ -35,10 +37,13 @@ from domain import (
     SA_MODEL,
     SA_STATE,
     UPDATE_DECIDE,
+    UPDATE_RESUBMIT,
     Decision,
     KeyRequest,
     RequestState,
     RequestStatus,
+    Resubmission,
+    ResubmitAnswer,
     request_id_for,
     request_id_from_workflow_id,
     workflow_id,
@@ -60,6 +65,14 @@ DECISION_WAIT = timedelta(seconds=5)
 # A status query too needs a worker, which answers in milliseconds; without one, visibility
 # answers after this.
 _QUERY_WAIT = timedelta(seconds=3)
+# Temporal's own trouble, as opposed to an answer about one workflow.
+_SERVICE_PROBLEMS = (
+    RPCStatusCode.UNAVAILABLE,
+    RPCStatusCode.DEADLINE_EXCEEDED,
+    RPCStatusCode.RESOURCE_EXHAUSTED,
+    RPCStatusCode.PERMISSION_DENIED,
+    RPCStatusCode.UNAUTHENTICATED,
+)
 
 
 class UnknownRequest(Exception):
@@ -72,6 +85,12 @@ class AlreadyDecided(Exception):
 
 class DecisionUnconfirmed(Exception):
     """No worker took the decision in time. Temporal keeps it; a worker may still apply it."""
+class CoolingDown(Exception):
+    """Submitted again too soon after a denial (approval.resubmit_after)."""
+
+    def __init__(self, request_id: str, retry_after: int) -> None:
+        super().__init__(request_id, retry_after)
+        self.request_id, self.retry_after = request_id, retry_after
 
 
 class BadPageToken(Exception):
@@ -86,16 +105,23 @@ def _iso(moment: datetime) -> str:
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _visible_status(execution: WorkflowExecution) -> RequestStatus:
-    """What visibility alone tells: for listings, and when no worker can answer a query."""
+def _visible_status(execution: WorkflowExecution, memo: Mapping | None = None) -> RequestStatus:
+    """What visibility alone tells: for listings, and when no worker can answer a query. The
+    memo adds the key's life (expiry, next reminder, cycle, revocation)."""
     attrs = execution.typed_search_attributes
-    return RequestStatus(
+    status = RequestStatus(
         request_id=request_id_from_workflow_id(execution.id),
         state=RequestState(attrs.get(SA_STATE) or "pending"),
         model=attrs.get(SA_MODEL) or "",
         requested_at=_iso(execution.start_time),
         updated_at=_iso(execution.close_time or execution.start_time),
     )
+    known = {f.name for f in fields(RequestStatus)}
+    for name, value in (memo or {}).items():
+        if name in known:
+            setattr(status, name, value)
+    status.key_expires = status.key_expires or None
+    return status
 
 
 class KeyRequests:
@@ -116,14 +142,31 @@ class KeyRequests:
                 return None
             raise
 
-    async def submit(self, email: str, model: str) -> tuple[RequestStatus, bool]:
-        """Start the request's workflow, or return the live one: (status, newly started)."""
+    async def submit(self, email: str, model: str) -> tuple[RequestStatus, str]:
+        """Start the request's workflow, or pass the submission to the running one.
+
+        Returns the status and what happened: started, restarted (a finished request starts
+        over), renewing, current (live key, outside the renewal window), pending.
+        """
         request_id = request_id_for(email, model, self.settings.request_id_key.get_secret_value())
+        cooldown = self.settings.approval_resubmit_after
         existing = await self._describe(request_id)
+        if existing is not None and existing.status == Status.RUNNING:
+            again = Resubmission(_now(), int(cooldown.total_seconds()))
+            answer = await self._resubmit(existing, again)
+            if answer.outcome == "cooldown":
+                raise CoolingDown(request_id, answer.retry_after)
+            if answer.outcome != "restarted":
+                return answer.status, answer.outcome
+            return RequestStatus(request_id, RequestState.PENDING, model, _now()), "restarted"
         if existing is not None:
             state = existing.typed_search_attributes.get(SA_STATE)
-            if existing.status == Status.RUNNING or state == RequestState.APPROVED:
-                return _visible_status(existing), False
+            closed = existing.close_time or existing.start_time
+            left = (closed + cooldown - datetime.now(UTC)).total_seconds()
+            if state == RequestState.DENIED and left > 0:
+                raise CoolingDown(request_id, int(left) + 1)
+            # An approved request whose workflow ended before keys had a life (older code):
+            # a new run adopts the key from the Secret and follows it from now on.
         # Denied, expired, failed or never seen: a new request under the same id. Two
         # simultaneous submissions meet here, and the conflict policy makes them one workflow.
         requested_at = _now()
@@ -134,7 +177,45 @@ class KeyRequests:
             rpc_timeout=_SUBMIT_RPC,
         )
         status = RequestStatus(request_id, RequestState.PENDING, model, requested_at)
-        return status, existing is None or existing.status != Status.RUNNING
+        return status, "started"
+
+    async def _resubmit(
+        self, desc: WorkflowExecutionDescription, again: Resubmission
+    ) -> ResubmitAnswer:
+        handle = self.client.get_workflow_handle(desc.id, run_id=desc.run_id)
+        try:
+            return await handle.execute_update(
+                UPDATE_RESUBMIT, again, result_type=ResubmitAnswer, rpc_timeout=_RPC
+            )
+        except (
+            WorkflowUpdateFailedError,
+            WorkflowUpdateRPCTimeoutOrCancelledError,
+            RPCError,
+        ) as exc:
+            if isinstance(exc, RPCError) and exc.status in _SERVICE_PROBLEMS:
+                raise  # Temporal itself: answered 503 or 429 by the API
+            # Closed meanwhile, a run of older code without the update, or a worker too busy
+            # to answer within _RPC (the update may still be applied; a repeat is harmless):
+            # say what the request is.
+            status = await self.status(request_id_from_workflow_id(desc.id))
+            return ResubmitAnswer("current", status)
+
+    async def order_key(self, request_id: str, update: str, order) -> RequestStatus:
+        """Revoke or rotate the live key; AlreadyDecided (409) when there is none."""
+        desc = await self._describe(request_id)
+        if desc is None:
+            raise UnknownRequest(request_id)
+        if desc.status != Status.RUNNING:
+            state = desc.typed_search_attributes.get(SA_STATE) or "closed"
+            raise AlreadyDecided(f"request {request_id} is {state}: there is no live key")
+        handle = self.client.get_workflow_handle(desc.id, run_id=desc.run_id)
+        try:
+            return await handle.execute_update(update, order, result_type=RequestStatus)
+        except WorkflowUpdateFailedError as exc:
+            cause = exc.cause
+            if isinstance(cause, ApplicationError) and cause.type == "NoLiveKey":
+                raise AlreadyDecided(f"request {request_id}: {cause.message}") from None
+            raise
 
     async def status(self, request_id: str) -> RequestStatus:
         desc = await self._describe(request_id)
@@ -150,7 +231,7 @@ class KeyRequests:
             # visibility still knows state and model.
             log.warning("status query of request %s failed (%s); answering from visibility",
                         request_id, getattr(exc, "message", None) or exc)  # fmt: skip
-            return _visible_status(desc)
+            return _visible_status(desc, await desc.memo())
 
     async def decide(self, request_id: str, decision: Decision) -> RequestStatus:
         desc = await self._describe(request_id)
@@ -195,7 +276,10 @@ class KeyRequests:
             query, page_size=page_size, next_page_token=token, limit=None, rpc_timeout=_RPC
         )
         await iterator.fetch_next_page()
-        rows = [_visible_status(execution) for execution in iterator.current_page or []]
+        rows = [
+            _visible_status(execution, await execution.memo())
+            for execution in iterator.current_page or []
+        ]
         next_token = iterator.next_page_token
         return rows, self._seal_token(next_token) if next_token else None
 

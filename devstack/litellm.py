@@ -5,6 +5,8 @@ Implemented endpoints (shapes follow litellm's
 
 - ``POST /key/generate``  mint a virtual key (master key only)
 - ``GET  /key/info?key=<plaintext or sha256>``  ``{"key": <as queried>, "info": {...}}``
+- ``POST /key/update``  ``{"key": <plaintext or sha256>, "duration"?, "metadata"?, "max_budget"?,
+  "models"?}``: ``duration`` sets a new expiry from now; unknown key 404
 - ``POST /key/delete``  ``{"keys": [...]}`` or ``{"key_aliases": [...]}``
 - ``POST /key/block``  ``{"key": ...}`` (what ``LiteLLMStandin.revoke`` does in-process)
 - ``GET  /health/liveliness`` and ``/health/liveness`` (no auth)
@@ -122,6 +124,15 @@ class _GenerateKeyRequest(BaseModel):
 class _KeyRequest(BaseModel):
     keys: list[str] | None = None
     key_aliases: list[str] | None = None
+
+
+class _UpdateKeyRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    key: str
+    duration: str | None = None
+    metadata: dict | None = None
+    max_budget: float | None = None
+    models: list | None = None
 
 
 class _BlockKeyRequest(BaseModel):
@@ -269,6 +280,7 @@ class LiteLLMStandin:
             routes=[
                 Route("/key/generate", self._generate, methods=["POST"]),
                 Route("/key/info", self._info, methods=["GET"]),
+                Route("/key/update", self._update, methods=["POST"]),
                 Route("/key/delete", self._delete, methods=["POST"]),
                 Route("/key/block", self._block, methods=["POST"]),
                 Route("/health/liveliness", self._alive, methods=["GET"]),
@@ -586,6 +598,32 @@ class LiteLLMStandin:
                     record.deleted = True
                 self._deleted.extend(found)
             return JSONResponse({"deleted_keys": requested})
+        except (ProxyError, _Unprocessable) as exc:
+            return self._answer(exc)
+
+    async def _update(self, request: Request) -> JSONResponse:
+        try:
+            self._authorize(request)
+            data: _UpdateKeyRequest = await _parse(request, _UpdateKeyRequest)
+            with self._cond:
+                record = self._keys.get(_token_for(data.key))
+                if record is None:
+                    raise ProxyError(404, f"Key not found: {data.key[:8]}...", "not_found_error")
+                if data.duration is not None:
+                    try:
+                        seconds = _duration_seconds(data.duration)
+                    except ValueError as exc:
+                        raise ProxyError(500, str(exc)) from None
+                    record.duration = data.duration
+                    record.expires = datetime.now(UTC) + timedelta(seconds=seconds)
+                if data.metadata is not None:
+                    record.metadata = dict(data.metadata)
+                if data.max_budget is not None:
+                    record.max_budget = data.max_budget
+                if data.models is not None:
+                    record.models = list(data.models)
+                return JSONResponse({"token": record.token, **record.info(),
+                                     "expires": _iso(record.expires, z=True)})  # fmt: skip
         except (ProxyError, _Unprocessable) as exc:
             return self._answer(exc)
 

@@ -288,3 +288,17 @@ async def wait_until(condition, within: float = 30, what: str = "condition"):
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out after {within}s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+async def settled(client: Client, request_id: str, within: float = 30):
+    """Wait until the request's workflow is past its first email: the key's timers (a live key)
+    or the clean-up timer (a finished request) are what it waits on now. Returns the status."""
+    from domain import QUERY_STATUS, RequestStatus, workflow_id
+
+    handle = client.get_workflow_handle(workflow_id(request_id))
+
+    async def waiting():
+        status = await handle.query(QUERY_STATUS, result_type=RequestStatus)
+        return status if status.next_reminder or status.cleanup_at else None
+
+    return await wait_until(waiting, within, f"request {request_id} to wait on its timers")

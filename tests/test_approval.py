@@ -11,7 +11,7 @@ import pytest
 from pydantic import SecretStr
 
 from api.main import create_app
-from conftest import mail_to, secret_of, unique_email, wait_until
+from conftest import mail_to, secret_of, settled, unique_email, wait_until
 from devstack.http import serve_in_thread
 from devstack.temporal import binary
 from domain import KeyRequest, Review, request_id_for, workflow_id
@@ -120,7 +120,7 @@ async def test_signal_without_input_and_second_signal_ignored(api, mail, kube, t
 
     [message] = await mail_to(mail, email)
     assert "No budget left this quarter" in plain(message)
-    await handle.result()
+    await settled(temporal_client, request_id)
     secret = secret_of(kube, request_id)
     assert secret["metadata"]["labels"]["request-state"] == "denied"
     assert not secret.get("data")
@@ -203,7 +203,7 @@ async def test_a_decision_delivered_with_the_start_is_kept(temporal_client, sett
     """Signal-with-start (how the reconciler relays kubectl decisions to a stopped request)."""
     email = unique_email("manual.example.com")
     request_id = request_id_for(email, "gpt-4o", "signal-with-start")
-    handle = await temporal_client.start_workflow(
+    await temporal_client.start_workflow(
         KeyRequestWorkflow.run,
         KeyRequest(request_id, email, "gpt-4o", "2026-01-01T00:00:00Z"),
         id=workflow_id(request_id),
@@ -211,6 +211,6 @@ async def test_a_decision_delivered_with_the_start_is_kept(temporal_client, sett
         start_signal="approve",
         start_signal_args=[Review(reviewer="dave")],
     )
-    assert (await handle.result()).state == "approved"
+    assert (await settled(temporal_client, request_id)).state == "approved"
     [message] = await mail_to(mail, email)
     assert "approved by dave" in plain(message)

@@ -11,8 +11,9 @@ from temporalio.testing import WorkflowEnvironment
 from activities.kubernetes import SecretStore
 from conftest import mail_to, secret_of, unique_email
 from devstack.temporal import binary
-from domain import KeyRequest, RequestState, request_id_for, workflow_id
+from domain import KeyRequest, RequestState, request_id_for, secret_name, workflow_id
 from test_key_request_flow import plain
+from test_replay import record_history
 from worker import run_worker
 from workflows.key_request import KeyRequestWorkflow
 
@@ -39,16 +40,20 @@ async def test_undecided_request_expires_after_seven_days_and_the_requester_is_t
             id=workflow_id(request_id),
             task_queue=week.temporal_task_queue,
         )
+        await env.sleep(timedelta(days=7, minutes=1))
+        [message] = await mail_to(mail, email)
+        assert "expired" in plain(message)
+        secret = secret_of(kube, request_id)
+        assert secret["metadata"]["labels"]["request-state"] == "expired"
+        assert secret["metadata"]["annotations"]["state"] == "expired"
+        assert not secret.get("data")
+
+        # lifecycle.retention (30 days) later, the finished request's Secret is deleted.
         before = await env.get_current_time()
         result = await asyncio.wait_for(handle.result(), 60)
         assert result.state == RequestState.EXPIRED
-        assert await env.get_current_time() - before >= timedelta(days=7)
+        assert await env.get_current_time() - before >= timedelta(days=30)
+        assert secret_name(request_id) not in [s["metadata"]["name"] for s in kube.secrets()]
+        record_history("v2-deadline-expired", await handle.fetch_history())
         stop.set()
         await worker
-
-    [message] = await mail_to(mail, email)
-    assert "expired" in plain(message)
-    secret = secret_of(kube, request_id)
-    assert secret["metadata"]["labels"]["request-state"] == "expired"
-    assert secret["metadata"]["annotations"]["state"] == "expired"
-    assert not secret.get("data")

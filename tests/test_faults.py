@@ -34,7 +34,7 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.main import create_app
-from conftest import ADMIN_TOKEN, NAMESPACE, secret_of, unique_email, wait_until
+from conftest import ADMIN_TOKEN, NAMESPACE, secret_of, settled, unique_email, wait_until
 from devstack.http import ServedApp, serve_in_thread
 from devstack.kube import KubeStandin
 from devstack.litellm import LiteLLMStandin
@@ -49,7 +49,6 @@ from domain import (
 )
 from settings import Settings, load_settings
 from test_key_request_flow import KEY, plain, submit
-from workflows.key_request import KeyRequestWorkflow
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "gpt-4o"
@@ -266,13 +265,14 @@ class Killer:
 
 
 async def delivered(stack: Stack, email: str, request_id: str, *, mails: int = 1) -> str:
-    """Wait for the request's workflow to finish; check what its requester and operators see.
+    """Wait for the request's workflow to reach the key's timers; check what its requester and
+    operators see.
 
-    Returns the key. Once the workflow has finished no activity of it runs any more, so the
-    mails counted then are all the mails there will ever be.
+    Returns the key. Once the workflow waits on the key's timers, the first email is sent and
+    recorded, so the mails counted then are all the mails there will be until the key's life
+    moves on (a reminder, weeks later).
     """
-    handle = stack.client.get_workflow_handle_for(KeyRequestWorkflow.run, workflow_id(request_id))
-    final = await asyncio.wait_for(handle.result(), COMPLETES_WITHIN)
+    final = await settled(stack.client, request_id, COMPLETES_WITHIN)
     assert final.state == "approved", final
 
     messages = [m for m in stack.mail.messages if m["To"] == email]
@@ -304,18 +304,19 @@ async def delivered(stack: Stack, email: str, request_id: str, *, mails: int = 1
 
 
 async def nothing_left_behind(stack: Stack, request_ids) -> None:
-    """Each request ran as exactly one workflow, now completed, and no Secret is left pending."""
+    """Each request ran as exactly one workflow, now following its live key, and no Secret is
+    left pending."""
     ids = sorted(request_ids)
     query = " OR ".join(f"WorkflowId = '{workflow_id(rid)}'" for rid in ids)
 
-    async def all_completed() -> list:
+    async def all_following() -> list:
         runs = [run async for run in stack.client.list_workflows(query)]
         seen = {request_id_from_workflow_id(r.id) for r in runs}
-        done = all(r.status == WorkflowExecutionStatus.COMPLETED for r in runs)
+        done = all(r.status == WorkflowExecutionStatus.RUNNING for r in runs)
         return runs if done and seen == set(ids) else []
 
     # Visibility trails the workflows by a moment.
-    runs = await wait_until(all_completed, 10, "the requests' workflows to be closed")
+    runs = await wait_until(all_following, 10, "the requests' workflows to follow their keys")
     assert sorted(request_id_from_workflow_id(r.id) for r in runs) == ids, "one run per request"
     secrets = {s["metadata"]["name"]: s for s in stack.kube.secrets(NAMESPACE)}
     states = {rid: secrets[secret_name(rid)]["metadata"]["labels"]["request-state"] for rid in ids}
@@ -398,6 +399,55 @@ async def killed_at(stack: Stack, moment: str) -> None:
         # Only a mail accepted just before the crash is sent again, as the very same mail.
         await delivered(stack, email, request_id, mails=2 if moment == "email-accepted" else 1)
         await nothing_left_behind(stack, [request_id])
+
+
+async def test_worker_killed_between_new_key_minted_and_old_key_deleted_leaves_one_live_key(
+    stack,
+):
+    """Rotation with no grace: the worker dies as LiteLLM mints the new key, before the old one
+    is deleted. The next worker finishes the rotation: exactly one live key for the request,
+    the one in the last email and in the Secret."""
+    async with stack.lane() as lane:
+        email = unique_email(APPROVE)
+        first = await stack.start_worker(lane.worker_env)
+        request_id = (await submit(lane.api, email, MODEL))["request_id"]
+        old = await delivered(stack, email, request_id)
+        kill = Killer(first)
+        stack.litellm.on_generate(lambda record: record["user_id"] == email and kill())
+        answer = await lane.api.post(
+            f"/api/admin/requests/{request_id}/rotate",
+            json={"grace": "0s"},
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        )
+        assert answer.status_code == 200, answer.text
+        await wait_until(kill.done.is_set, 30, "the worker to be killed as the new key is minted")
+
+        def live() -> list[dict]:
+            return [
+                k
+                for k in stack.litellm.keys()
+                if k["key_alias"].startswith(secret_name(request_id)) and k["status"] == "active"
+            ]
+
+        assert len(live()) == 2, "the crash left the old and the new key live"
+        await stack.start_worker(lane.worker_env)
+        await wait_until(lambda: len(live()) == 1, COMPLETES_WITHIN, "the old key to be deleted")
+        messages = await wait_until(
+            lambda: [m for m in stack.mail.messages if m["To"] == email][1:],
+            COMPLETES_WITHIN,
+            "the new key's email",
+        )
+        keys = {KEY.search(plain(m)).group(0) for m in messages}
+        assert len(keys) == 1, "every copy of the rotation mail carries the same key"
+        [new] = keys
+        assert new != old
+        assert [k["key"] for k in live()] == [new]
+        minted = [
+            k for k in stack.litellm.keys() if k["key_alias"].startswith(secret_name(request_id))
+        ]
+        assert len(minted) == 2, "the new key was minted exactly once"
+        secret = secret_of(stack.kube, request_id)
+        assert base64.b64decode(secret["data"]["api-key"]).decode() == new
 
 
 # --- 2. Temporal restarted with requests in flight ----------------------------------------

@@ -6,9 +6,8 @@ import asyncio
 import base64
 import re
 
-from conftest import history_bytes, mail_to, secret_of, unique_email, wait_until
+from conftest import history_bytes, mail_to, secret_of, settled, unique_email, wait_until
 from domain import workflow_id
-from workflows.key_request import KeyRequestWorkflow
 
 KEY = re.compile(r"sk-[A-Za-z0-9_-]{20,}")
 
@@ -66,7 +65,7 @@ async def test_auto_approved_request_emails_a_key_bound_to_the_model(
     status = await api.get(f"/api/requests/{request_id}")
     assert status.json()["state"] == "approved"
     assert key not in status.text
-    await temporal_client.get_workflow_handle(workflow_id(request_id)).result()
+    await settled(temporal_client, request_id)
     assert key.encode() not in await history_bytes(temporal_client, workflow_id(request_id))
     assert email.encode() not in workflow_id(request_id).encode()
 
@@ -163,10 +162,7 @@ async def test_litellm_permanent_refusal_ends_failed_with_the_cause(
         in secret["metadata"]["annotations"]["llm-key-requestor/reason"]
     )
     assert not secret.get("data"), "a key that never went live must not linger in the Secret"
-    handle = temporal_client.get_workflow_handle_for(
-        KeyRequestWorkflow.run, workflow_id(request_id)
-    )
-    assert (await handle.result()).state == "failed"
+    assert (await settled(temporal_client, request_id)).state == "failed"
     status = (await api.get(f"/api/admin/requests/{request_id}", headers=admin_headers)).json()
     assert status["state"] == "failed" and "max_budget" in status["reason"]
     # LiteLLM's words are internals: the public status says what happened, not why.

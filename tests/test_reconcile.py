@@ -10,7 +10,15 @@ from datetime import timedelta
 
 from kubernetes import client as k8s
 
-from conftest import mail_to, secret_of, start_worker, stop_worker, unique_email, wait_until
+from conftest import (
+    mail_to,
+    secret_of,
+    settled,
+    start_worker,
+    stop_worker,
+    unique_email,
+    wait_until,
+)
 from devstack.temporal import binary, connect_when_ready
 from domain import RECONCILE_SCHEDULE_ID, ReconcileCounts, ReconcilePage, workflow_id
 from test_key_request_flow import KEY, plain, submit
@@ -188,7 +196,7 @@ async def test_stale_secret_of_a_finished_workflow_is_corrected_without_a_new_ru
     email = unique_email("deny.example.com")
     request_id = (await submit(api, email))["request_id"]
     await mail_to(mail, email)
-    await temporal_client.get_workflow_handle(workflow_id(request_id)).result()
+    await settled(temporal_client, request_id)
 
     name = f"llm-key-request-{request_id}"
     secret = core_api.read_namespaced_secret(name, "default")

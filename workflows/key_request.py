@@ -6,7 +6,8 @@ so a worker restarted with a new config.yaml never changes the path of a running
 
 from __future__ import annotations
 
-from datetime import timedelta
+import math
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -15,18 +16,32 @@ from temporalio.exceptions import ActivityError, ApplicationError
 with workflow.unsafe.imports_passed_through():
     from activities.key_request import KeyRequestActivities
     from domain import (
+        PATCH_KEY_LIFECYCLE,
         QUERY_STATUS,
         SA_MODEL,
         SA_STATE,
         SIGNAL_APPROVE,
         SIGNAL_DENY,
+        SIGNAL_REVOKE,
+        SIGNAL_ROTATE,
         UPDATE_DECIDE,
+        UPDATE_RESUBMIT,
+        UPDATE_REVOKE,
+        UPDATE_ROTATE,
         Decision,
         FinalState,
+        HolderNotice,
+        KeyEnd,
+        KeyLife,
         KeyRequest,
+        LifecyclePlan,
         RequestState,
         RequestStatus,
+        Resubmission,
+        ResubmitAnswer,
         Review,
+        Revocation,
+        RotationOrder,
     )
 
 # Kubernetes and the mail server get retried until they answer: a request waits out an outage
@@ -78,9 +93,26 @@ class KeyRequestWorkflow:
         )
         self._decision: Decision | None = None
         self._expired = False
+        # The key's life (after the first email). Orders from signals and updates wait here
+        # until the main loop acts on them.
+        if request.life is not None:
+            self._status = request.life.status
+            self._decision = Decision(True, self._status.reviewer, self._status.reason)
+        self._life = request.life or KeyLife(self._status)
+        self._plan: LifecyclePlan | None = None
+        self._key_alias = ""
+        self._revocation: Revocation | None = None
+        self._rotation: RotationOrder | None = None
+        self._renewal: Resubmission | None = None  # asked for, not yet acted on
+        self._renewing = False
+        self._resubmitted: Resubmission | None = None  # a finished request asked for again
+        self._published: dict = {}
 
     @workflow.run
     async def run(self, request: KeyRequest) -> FinalState:
+        if request.life is not None:
+            # Continued as new after a renewal: the key lives on, with a fresh history.
+            return await self._live(request)
         self._set_state(RequestState.PENDING)
 
         recorded = await workflow.execute_activity_method(
@@ -91,6 +123,8 @@ class KeyRequestWorkflow:
             self._decide(recorded.decision or Decision(approved=True, source="record"))
             self._set_state(RequestState.APPROVED)
             await self._notify(request)
+            if workflow.patched(PATCH_KEY_LIFECYCLE):
+                return await self._live(request)
             return self._final(request)
         if recorded.decision is not None:
             self._decide(recorded.decision)
@@ -113,10 +147,15 @@ class KeyRequestWorkflow:
         self._status.key_expires = minted.expires
         self._set_state(RequestState.APPROVED)
         await self._notify(request)
+        if workflow.patched(PATCH_KEY_LIFECYCLE):
+            return await self._live(request)
         return self._final(request)
 
-    async def _decision_for(self, request: KeyRequest) -> Decision | None:
-        """The policy's decision, or a human's before the deadline; None if none came."""
+    async def _decision_for(
+        self, request: KeyRequest, until: datetime | None = None
+    ) -> Decision | None:
+        """The policy's decision, or a human's before the deadline (or `until`, if sooner);
+        None if none came."""
         if self._decision is not None:
             return self._decision
         outcome = await workflow.execute_activity_method(
@@ -134,6 +173,8 @@ class KeyRequestWorkflow:
         if self._decision is None:
             deadline = timedelta(seconds=outcome.wait_seconds)
             self._status.deadline = _iso(workflow.now() + deadline)
+            if until is not None:
+                deadline = max(min(deadline, until - workflow.now()), timedelta(seconds=1))
             try:
                 await workflow.wait_condition(lambda: self._decision is not None, timeout=deadline)
             except TimeoutError:
@@ -150,12 +191,327 @@ class KeyRequestWorkflow:
         )
         self._set_state(state)
         await self._notify(request)
+        if workflow.patched(PATCH_KEY_LIFECYCLE):
+            return await self._retain(request)
         return self._final(request)
 
     async def _notify(self, request: KeyRequest) -> None:
         await workflow.execute_activity_method(
             KeyRequestActivities.notify_requester, request.request_id, **EMAIL
         )
+
+    # A key's life after the first email (PRODUCT.md, "A key's life"). Everything below runs only
+    # in workflows that passed workflow.patched(PATCH_KEY_LIFECYCLE): histories recorded before
+    # it replay unchanged.
+
+    async def _live(self, request: KeyRequest) -> FinalState:
+        """Wait on the key's timers (reminders, expiry, a rotated-out key's grace) and act on
+        revocation, rotation and renewal, until the key ends."""
+        plan = await workflow.execute_activity_method(
+            KeyRequestActivities.plan_key_life, request.request_id, **SHORT_CALLS
+        )
+        self._plan = plan
+        self._key_alias = plan.key_alias
+        status = self._status
+        status.key_expires = plan.key_expires or status.key_expires
+        status.cycle = plan.cycle
+        self._set_state(RequestState.APPROVED)
+        expires = _parse(status.key_expires)
+        # Points already past when this cycle began are not sent late.
+        reminders = [
+            p for p in plan.remind_before
+            if expires is not None and expires - timedelta(seconds=p) > workflow.now()
+        ]  # fmt: skip
+        while True:
+            expires = _parse(status.key_expires)
+            status.next_reminder = (
+                _iso(expires - timedelta(seconds=reminders[0])) if reminders and expires else ""
+            )
+            now = workflow.now()
+            if self._revocation is not None:
+                order = self._revocation
+                status.revoked_at, status.revoked_by = _iso(now), order.reviewer
+                status.revocation_reason = order.reason
+                return await self._end_key(request, RequestState.REVOKED, order)
+            if self._rotation is not None:
+                await self._rotate(request)
+                continue
+            if self._renewal is not None and not self._renewing:
+                outcome = await self._renew(request)
+                if outcome == "gone":
+                    reason = "The key no longer exists in LiteLLM; it is replaced by a new one."
+                    return await self._end_key(
+                        request, RequestState.KEY_EXPIRED, Revocation("", reason, "timer")
+                    )
+                if outcome == "extended":
+                    await workflow.wait_condition(workflow.all_handlers_finished)
+                    workflow.continue_as_new(
+                        KeyRequest(
+                            request.request_id,
+                            request.email,
+                            request.model,
+                            status.requested_at,
+                            cycle=status.cycle,
+                            life=KeyLife(
+                                status, self._life.old_key_alias, self._life.old_key_delete_at
+                            ),
+                        )
+                    )
+                continue
+            old_due = _parse(self._life.old_key_delete_at)
+            if self._life.old_key_alias and old_due is not None and old_due <= now:
+                await self._delete_old_key(request)
+                continue
+            if expires is not None and expires <= now:
+                reason = "The key reached its expiry date."
+                return await self._end_key(
+                    request, RequestState.KEY_EXPIRED, Revocation("", reason, "timer")
+                )
+            if reminders and expires - timedelta(seconds=reminders[0]) <= now:
+                point = reminders.pop(0)
+                await self._tell(request, "reminder", _span(point))
+                continue
+            wakes = [t for t in (expires, old_due if self._life.old_key_alias else None) if t]
+            if reminders and expires is not None:
+                wakes.append(expires - timedelta(seconds=reminders[0]))
+            timeout = min(wakes) - now if wakes else None
+            self._publish()
+            try:
+                await workflow.wait_condition(self._has_order, timeout=timeout)
+            except TimeoutError:
+                pass
+
+    def _publish(self) -> None:
+        """The key's life in the workflow's memo, which the admin list reads from visibility
+        (no query per row). Written only when it changed; never an email or a key."""
+        status = self._status
+        memo = {
+            "key_expires": status.key_expires or "",
+            "next_reminder": status.next_reminder,
+            "cycle": status.cycle,
+            "revoked_at": status.revoked_at,
+            "revoked_by": status.revoked_by,
+            "revocation_reason": status.revocation_reason,
+            "rotated_at": status.rotated_at,
+            "cleanup_at": status.cleanup_at,
+        }
+        if memo != self._published:
+            workflow.upsert_memo(memo)
+            self._published = memo
+
+    def _has_order(self) -> bool:
+        return (
+            self._revocation is not None
+            or self._rotation is not None
+            or (self._renewal is not None and not self._renewing)
+        )
+
+    async def _renew(self, request: KeyRequest) -> str:
+        """Through the policy again: extended (the cycle is over), kept (not renewed, the key
+        lives on) or gone (LiteLLM lost the key: it is replaced in a new cycle)."""
+        asked = self._renewal
+        status = self._status
+        self._renewing = True
+        renewal = KeyRequest(
+            request.request_id, request.email, request.model, asked.requested_at,
+            cycle=status.cycle + 1, renewal=True,
+        )  # fmt: skip
+        granted = self._decision
+        self._decision, self._expired = None, False
+        expires = _parse(status.key_expires)
+        decision = await self._decision_for(renewal, until=expires)
+        self._renewal, self._renewing = None, False
+        if decision is None and expires is not None and workflow.now() >= expires:
+            # The key expired while a person was still to decide: the renewal goes on as a
+            # new cycle (the key is replaced once approved).
+            self._decision, self._expired = granted, False
+            self._resubmitted = Resubmission(asked.requested_at)
+            return "kept"
+        if decision is None or not decision.approved:
+            reason = decision.reason if decision else "No decision was made before the deadline."
+            self._decision, self._expired = granted, False
+            self._status.deadline = ""
+            await self._tell(request, "renewal-denied", reason)
+            return "kept"
+        extended = await workflow.execute_activity_method(
+            KeyRequestActivities.extend_key, args=[renewal, decision], **MINTING
+        )
+        if extended is None:
+            self._resubmitted = Resubmission(asked.requested_at)
+            return "gone"
+        status.key_expires = extended.expires
+        status.cycle, status.requested_at, status.deadline = renewal.cycle, asked.requested_at, ""
+        self._set_state(RequestState.APPROVED)
+        await self._tell(request, "renewed")
+        return "extended"
+
+    async def _rotate(self, request: KeyRequest) -> None:
+        order = self._rotation
+        if self._life.old_key_alias:
+            await self._delete_old_key(request)  # a key rotated out earlier goes now
+        self._life.rotations += 1
+        rotated = await workflow.execute_activity_method(
+            KeyRequestActivities.rotate_key, args=[request, self._life.rotations], **MINTING
+        )
+        grace = order.grace_seconds
+        if grace is None:
+            grace = self._plan.rotation_grace
+        now = workflow.now()
+        self._key_alias = rotated.key_alias
+        self._status.key_expires = rotated.key_expires
+        self._status.rotated_at = _iso(now)
+        self._life.old_key_alias = rotated.old_key_alias
+        self._life.old_key_delete_at = _iso(now + timedelta(seconds=grace))
+        self._rotation = None
+        await self._tell(request, "rotated", str(self._life.rotations))
+
+    async def _delete_old_key(self, request: KeyRequest) -> None:
+        await workflow.execute_activity_method(
+            KeyRequestActivities.delete_old_key,
+            args=[request.request_id, self._life.old_key_alias],
+            **SHORT_CALLS,
+        )
+        self._life.old_key_alias, self._life.old_key_delete_at = "", ""
+
+    async def _end_key(
+        self, request: KeyRequest, state: RequestState, order: Revocation
+    ) -> FinalState:
+        aliases = [a for a in (self._key_alias, self._life.old_key_alias) if a]
+        await workflow.execute_activity_method(
+            KeyRequestActivities.end_key,
+            args=[KeyEnd(request.request_id, state, order.reason, order.reviewer, order.source),
+                  aliases],
+            **SHORT_CALLS,
+        )  # fmt: skip
+        self._life.old_key_alias, self._life.old_key_delete_at = "", ""
+        self._status.reason = order.reason
+        self._status.next_reminder = ""
+        self._set_state(state)
+        await self._tell(request, state.value)
+        return await self._retain(request)
+
+    async def _retain(self, request: KeyRequest) -> FinalState:
+        """A finished request keeps its Secret for lifecycle.retention, then deletes it; a
+        submission meanwhile starts the request over as the next cycle."""
+        if self._plan is None:
+            self._plan = await workflow.execute_activity_method(
+                KeyRequestActivities.plan_key_life, request.request_id, **SHORT_CALLS
+            )
+            self._status.cycle = self._plan.cycle
+        retention = timedelta(seconds=self._plan.retention)
+        self._status.cleanup_at = _iso(workflow.now() + retention)
+        self._publish()
+        try:
+            await workflow.wait_condition(lambda: self._resubmitted is not None, timeout=retention)
+        except TimeoutError:
+            await workflow.execute_activity_method(
+                KeyRequestActivities.delete_request,
+                args=[request.request_id, self._status.cycle],
+                **SHORT_CALLS,
+            )
+            self._status.cleanup_at = ""
+            return self._final(request)
+        again = self._resubmitted
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        workflow.continue_as_new(
+            KeyRequest(
+                request.request_id, request.email, request.model, again.requested_at,
+                cycle=self._status.cycle + 1,
+                renewal=self._status.state is RequestState.KEY_EXPIRED,
+            )
+        )  # fmt: skip
+
+    async def _tell(self, request: KeyRequest, kind: str, detail: str = "") -> None:
+        await workflow.execute_activity_method(
+            KeyRequestActivities.tell_holder,
+            HolderNotice(request.request_id, kind, self._status.cycle, detail),
+            **EMAIL,
+        )
+
+    def _in_renewal_window(self) -> bool:
+        expires = _parse(self._status.key_expires)
+        if expires is None:
+            return False  # a key that never expires has nothing to renew
+        points = self._plan.remind_before if self._plan is not None else []
+        window = timedelta(seconds=max(points, default=0))
+        return workflow.now() >= expires - window
+
+    # Revocation, rotation and renewal: signals (CLI, the reconciler relaying kubectl) and the
+    # admin API's updates, which answer (409 when there is no live key to act on).
+
+    @workflow.signal(name=SIGNAL_REVOKE)
+    def revoke(self, order: Revocation | None = None) -> None:
+        order = order or Revocation()
+        refusal = self._refuse_key_order("revoke")
+        if refusal:
+            workflow.logger.info("ignoring revoke from %r: %s", order.reviewer, refusal)
+            return
+        self._revocation = Revocation(order.reviewer, order.reason, order.source or "signal")
+
+    @workflow.update(name=UPDATE_REVOKE)
+    def revoke_key(self, order: Revocation) -> RequestStatus:
+        self._revocation = order
+        return self._status
+
+    @revoke_key.validator
+    def _validate_revoke(self, order: Revocation) -> None:
+        refusal = self._refuse_key_order("revoke")
+        if refusal:
+            raise ApplicationError(refusal, type="NoLiveKey")
+
+    @workflow.signal(name=SIGNAL_ROTATE)
+    def rotate(self, order: RotationOrder | None = None) -> None:
+        order = order or RotationOrder()
+        refusal = self._refuse_key_order("rotate")
+        if refusal:
+            workflow.logger.info("ignoring rotate from %r: %s", order.reviewer, refusal)
+            return
+        self._rotation = RotationOrder(
+            order.reviewer, order.grace_seconds, order.source or "signal"
+        )
+
+    @workflow.update(name=UPDATE_ROTATE)
+    def rotate_key(self, order: RotationOrder) -> RequestStatus:
+        self._rotation = order
+        return self._status
+
+    @rotate_key.validator
+    def _validate_rotate(self, order: RotationOrder) -> None:
+        refusal = self._refuse_key_order("rotate")
+        if refusal:
+            raise ApplicationError(refusal, type="NoLiveKey")
+
+    def _refuse_key_order(self, what: str) -> str:
+        """Why `what` cannot be done now; empty if it can."""
+        state = self._status.state
+        if self._revocation is not None:
+            return "the key is already being revoked"
+        if state is not RequestState.APPROVED:
+            return f"request is {state.value}: there is no live key to {what}"
+        if what == "rotate" and self._rotation is not None:
+            return "a rotation is already under way"
+        return ""
+
+    @workflow.update(name=UPDATE_RESUBMIT)
+    def resubmit(self, again: Resubmission) -> ResubmitAnswer:
+        """The same email and model submitted again; the answer says what happens."""
+        status = self._status
+        if status.state is RequestState.PENDING or self._resubmitted is not None:
+            return ResubmitAnswer("pending", status)
+        if status.state is RequestState.APPROVED:
+            if self._renewal is not None or self._renewing:
+                return ResubmitAnswer("renewing", status)
+            if self._revocation is not None or not self._in_renewal_window():
+                return ResubmitAnswer("current", status)
+            self._renewal = again
+            return ResubmitAnswer("renewing", status)
+        if status.state is RequestState.DENIED and again.resubmit_after_seconds:
+            decided = _parse(status.decided_at) or workflow.now()
+            left = decided + timedelta(seconds=again.resubmit_after_seconds) - workflow.now()
+            if left.total_seconds() > 0:
+                return ResubmitAnswer("cooldown", status, math.ceil(left.total_seconds()))
+        self._resubmitted = again
+        return ResubmitAnswer("restarted", status)
 
     # Decisions from people: signals (CLI, reconciler relaying kubectl) and the admin API's update.
 
@@ -227,3 +583,19 @@ class KeyRequestWorkflow:
 
 def _iso(moment) -> str:
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _parse(value: str | None) -> datetime | None:
+    """An ISO time from LiteLLM or our own status; naive times are UTC."""
+    if not value:
+        return None
+    moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=workflow.now().tzinfo)
+
+
+def _span(seconds: int) -> str:
+    """7d, 12h, 30m or 45s: how config.yaml writes a reminder point."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
