@@ -51,6 +51,12 @@ SA_MODEL = SearchAttributeKey.for_keyword("KeyRequestModel")
 SEARCH_ATTRIBUTES = (SA_STATE, SA_MODEL)
 
 
+JUSTIFICATION_MAX = 1000
+# How a decision made through a signal names its reviewer: signals carry no authentication, so
+# the name is only what the sender declared.
+DECLARED_PREFIX = "declared:"
+
+
 def request_id_for(email: str, model: str, key: str) -> str:
     """The id of the request for (email, model): the same pair always maps to the same id.
 
@@ -90,6 +96,8 @@ class KeyRequest:
     email: str
     model: str
     requested_at: str  # ISO 8601, UTC
+    # Why the requester needs the key, shown to approvers (at most JUSTIFICATION_MAX characters).
+    justification: str = ""
 
 
 @dataclass
@@ -161,6 +169,9 @@ class RequestStatus:
     key_expires: str | None = None
     deadline: str = ""
     updated_at: str = ""
+    # For approvers (admin API, inbox); the public status endpoint leaves them out.
+    email: str = ""
+    justification: str = ""
 
 
 # The reconciler.

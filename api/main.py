@@ -6,7 +6,6 @@ uvicorn api.main:create_app --factory --host 0.0.0.0 --port 8000
 from __future__ import annotations
 
 import logging
-import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -17,11 +16,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 from temporalio.service import RPCError
 
+from api import pages
+from api.auth import ApproverDep, Authenticator, decide_as, require_approver
 from api.schemas import (
     DenyIn,
     ErrorOut,
@@ -35,15 +36,19 @@ from api.schemas import (
 )
 from api.service import AlreadyDecided, BadPageToken, KeyRequests, UnknownRequest
 from connection import connect_temporal
-from domain import Decision, RequestState, RequestStatus, is_request_id, workflow_id
+from domain import RequestState, RequestStatus, is_request_id, workflow_id
 from settings import Settings, load_settings
 
 log = logging.getLogger("api")
 
 ERRORS = {
     400: {"model": ErrorOut, "description": "The body is not readable JSON text"},
-    401: {"model": ErrorOut, "description": "No bearer token"},
-    403: {"model": ErrorOut, "description": "Wrong token, or the admin API is disabled"},
+    401: {"model": ErrorOut, "description": "No credentials, or a token that is not valid"},
+    403: {
+        "model": ErrorOut,
+        "description": "Not allowed: wrong token, not an approver of the "
+        "request, your own request, or the admin API is disabled",
+    },
     404: {"model": ErrorOut, "description": "No such request"},
     409: {"model": ErrorOut, "description": "The request is already decided"},
     413: {"model": ErrorOut, "description": "Body too large"},
@@ -62,27 +67,8 @@ def get_requests(request: Request) -> KeyRequests:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RequestsDep = Annotated[KeyRequests, Depends(get_requests)]
-_bearer = HTTPBearer(auto_error=False)
 
-
-def require_admin(
-    settings: SettingsDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> None:
-    expected = settings.admin_token.get_secret_value()
-    if not expected:
-        raise HTTPException(403, "the admin API is disabled; set ADMIN_TOKEN to enable it")
-    if credentials is None:
-        raise HTTPException(
-            401,
-            "admin token required: Authorization: Bearer <ADMIN_TOKEN>",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    if not secrets.compare_digest(credentials.credentials.encode(), expected.encode()):
-        raise HTTPException(403, "invalid admin token")
-
-
-def _out(status: RequestStatus) -> RequestStatusOut:
+def _out(status: RequestStatus, admin: bool = False) -> RequestStatusOut:
     return RequestStatusOut(
         request_id=status.request_id,
         state=str(status.state),
@@ -96,6 +82,8 @@ def _out(status: RequestStatus) -> RequestStatusOut:
         key_expires=status.key_expires,
         deadline=status.deadline,
         workflow_id=workflow_id(status.request_id),
+        requester=status.email if admin else "",
+        justification=status.justification if admin else "",
     )
 
 
@@ -106,7 +94,7 @@ def _checked_id(request_id: str) -> str:
 
 
 public = APIRouter()
-admin = APIRouter(prefix="/api/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+admin = APIRouter(prefix="/api/admin", tags=["admin"], dependencies=[Depends(require_approver)])
 
 
 @public.get("/", tags=["status"])
@@ -154,9 +142,10 @@ async def request_key(
                 }
             ]
         )
-    status, started = await requests.submit(str(body.email), body.llm)
+    status, started = await requests.submit(str(body.email), body.llm, body.justification)
     if started:
-        message = "Request received. You will get an email when it is decided."
+        status = await requests.settled(status, settings.api_decision_wait.total_seconds())
+        message = _submitted_message(status)
     else:
         message = f"A request for this email and model is already {status.state}."
     return KeyRequestOut(
@@ -166,6 +155,15 @@ async def request_key(
         message=message,
         workflow_id=workflow_id(status.request_id),
     )
+
+
+def _submitted_message(status: RequestStatus) -> str:
+    if status.state.is_final:
+        return f"Request {status.state}. You will get an email with the details."
+    if status.decided_at:
+        verdict = "approved" if status.reviewer.startswith("policy:") else "decided"
+        return f"Request {verdict}; you will get an email with the outcome in a moment."
+    return "Request received. You will get an email when it is decided."
 
 
 @public.get("/api/requests/{request_id}", tags=["requests"], responses=ERRORS)
@@ -181,28 +179,42 @@ async def list_requests(
     page_size: Annotated[int, Query(ge=1, le=500)] = 50,
     page_token: Annotated[str | None, Query(max_length=4096)] = None,
 ) -> RequestPage:
+    """Requests with who asked, who decided and when (one workflow query per row)."""
     rows, token = await requests.list(state, page_size, page_token)
-    return RequestPage(requests=[_out(r) for r in rows], next_page_token=token)
+    rows = await requests.detailed(rows)
+    return RequestPage(requests=[_out(r, admin=True) for r in rows], next_page_token=token)
 
 
 @admin.get("/requests/{request_id}", responses=ERRORS)
 async def admin_get_request(request_id: str, requests: RequestsDep) -> RequestStatusOut:
-    return _out(await requests.status(_checked_id(request_id)))
+    return _out(await requests.status(_checked_id(request_id)), admin=True)
 
 
 @admin.post("/requests/{request_id}/approve", responses=ERRORS)
 async def approve(
-    request_id: str, requests: RequestsDep, body: ReviewIn | None = None
+    request_id: str,
+    requests: RequestsDep,
+    principal: ApproverDep,
+    body: ReviewIn | None = None,
 ) -> RequestStatusOut:
-    body = body or ReviewIn()
-    decision = Decision(True, body.reviewer or "admin-api", body.reason, "api")
-    return _out(await requests.decide(_checked_id(request_id), decision))
+    """Approve as the authenticated caller (a body `reviewer` is ignored)."""
+    reason = body.reason if body else ""
+    status = await decide_as(principal, _checked_id(request_id), True, reason, "api", requests)
+    return _out(status, admin=True)
 
 
 @admin.post("/requests/{request_id}/deny", responses=ERRORS)
-async def deny(request_id: str, body: DenyIn, requests: RequestsDep) -> RequestStatusOut:
-    decision = Decision(False, body.reviewer or "admin-api", body.reason, "api")
-    return _out(await requests.decide(_checked_id(request_id), decision))
+async def deny(
+    request_id: str,
+    body: DenyIn,
+    requests: RequestsDep,
+    principal: ApproverDep,
+) -> RequestStatusOut:
+    """Deny as the authenticated caller (a body `reviewer` is ignored)."""
+    status = await decide_as(
+        principal, _checked_id(request_id), False, body.reason, "api", requests
+    )
+    return _out(status, admin=True)
 
 
 # Errors: always JSON with a `message` a person can act on.
@@ -326,16 +338,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.requests = KeyRequests(client, settings)
         yield
 
-    app = FastAPI(
+    # FastAPIOffline: /docs serves Swagger UI 5 from files shipped in the package, no CDN.
+    app = FastAPIOffline(
         title="LLM Key Requestor",
         version="1.0.0",
         description="Request an LLM API key; a Temporal workflow takes it from here to your inbox.",
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.auth = Authenticator(settings)
     app.openapi = lambda: _openapi(app, settings)
     app.include_router(public)
     app.include_router(admin)
+    pages.install(app)
     _install_error_handlers(app, settings)
     app.add_middleware(
         CORSMiddleware,

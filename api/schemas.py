@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, EmailStr, Field
 
+from domain import JUSTIFICATION_MAX
+
 
 class ModelInfo(BaseModel):
     id: str
@@ -20,6 +22,9 @@ class KeyRequestIn(BaseModel):
 
     email: EmailStr = Field(max_length=254, examples=["jane.doe@example.com"])
     llm: str = Field(min_length=1, max_length=200, description="A model id from GET /api/models")
+    justification: str = Field(
+        default="", max_length=JUSTIFICATION_MAX, description="Why you need it; approvers see it"
+    )
 
 
 class KeyRequestOut(BaseModel):
@@ -43,6 +48,8 @@ class RequestStatusOut(BaseModel):
     key_expires: str | None = None
     deadline: str = ""
     workflow_id: str
+    requester: str = Field(default="", description="The requester's email (admin API only)")
+    justification: str = Field(default="", description="The requester's reason (admin API only)")
 
 
 class RequestPage(BaseModel):
@@ -55,7 +62,12 @@ class RequestPage(BaseModel):
 class ReviewIn(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    reviewer: str = Field(default="", max_length=200)
+    reviewer: str = Field(
+        default="",
+        max_length=200,
+        description="Ignored: the reviewer recorded is always the authenticated caller",
+        json_schema_extra={"deprecated": True},
+    )
     reason: str = Field(default="", max_length=2000)
 
 

@@ -6,6 +6,7 @@ permissions to "start, query, update and list workflows".
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -90,7 +91,9 @@ class KeyRequests:
                 return None
             raise
 
-    async def submit(self, email: str, model: str) -> tuple[RequestStatus, bool]:
+    async def submit(
+        self, email: str, model: str, justification: str = ""
+    ) -> tuple[RequestStatus, bool]:
         """Start the request's workflow, or return the live one: (status, newly started)."""
         request_id = request_id_for(email, model, self.settings.request_id_key.get_secret_value())
         existing = await self._describe(request_id)
@@ -104,7 +107,7 @@ class KeyRequests:
         await start_key_request(
             self.client,
             self.settings.temporal_task_queue,
-            KeyRequest(request_id, email, model, requested_at),
+            KeyRequest(request_id, email, model, requested_at, justification),
         )
         status = RequestStatus(request_id, RequestState.PENDING, model, requested_at)
         return status, existing is None or existing.status != Status.RUNNING
@@ -119,6 +122,41 @@ class KeyRequests:
         except RPCError:
             # No worker to answer right now: visibility still knows state and model.
             return _visible_status(desc)
+
+    async def settled(self, status: RequestStatus, within: float) -> RequestStatus:
+        """The request's status once it has settled, or as it is after `within` seconds.
+
+        Settled: final (the policy approved and the key is minted, or it denied), or waiting
+        for a person (the deadline is set). The policy usually decides within a moment of the
+        start: waiting that long lets the submitter hear the outcome instead of `pending`.
+        """
+        handle = self.client.get_workflow_handle(workflow_id(status.request_id))
+        deadline = asyncio.get_running_loop().time() + within
+        while (remaining := deadline - asyncio.get_running_loop().time()) > 0:
+            try:
+                current = await asyncio.wait_for(
+                    handle.query(QUERY_STATUS, result_type=RequestStatus), remaining
+                )
+            except (RPCError, TimeoutError):
+                return status  # no worker yet, or too slow: the caller still has an answer
+            status = current
+            if status.state.is_final or status.deadline:
+                break
+            await asyncio.sleep(0.05)
+        return status
+
+    async def detailed(self, rows: list[RequestStatus]) -> list[RequestStatus]:
+        """Listing rows with what only the workflow knows (requester, reviewer, decided_at)."""
+        limit = asyncio.Semaphore(16)
+
+        async def one(row: RequestStatus) -> RequestStatus:
+            async with limit:
+                try:
+                    return await self.status(row.request_id)
+                except (UnknownRequest, RPCError):
+                    return row
+
+        return list(await asyncio.gather(*(one(row) for row in rows)))
 
     async def decide(self, request_id: str, decision: Decision) -> RequestStatus:
         desc = await self._describe(request_id)

@@ -536,6 +536,6 @@ async def test_api_says_503_while_temporal_is_down_then_accepts_the_same_request
     accepted = await stack.api.post("/api/request-key", json=request)
     assert accepted.status_code == 200, accepted.text
     assert accepted.json()["request_id"] == request_id
-    assert accepted.json()["status"] == "pending"
+    assert accepted.json()["status"] in ("pending", "approved")
     await delivered(stack, email, request_id)
     await nothing_left_behind(stack, [request_id])

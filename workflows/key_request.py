@@ -15,6 +15,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 with workflow.unsafe.imports_passed_through():
     from activities.key_request import KeyRequestActivities
     from domain import (
+        DECLARED_PREFIX,
         QUERY_STATUS,
         SA_MODEL,
         SA_STATE,
@@ -74,7 +75,12 @@ class KeyRequestWorkflow:
         # Built here, not in run(): a signal delivered with the start (signal-with-start, or
         # simply sent at once) is handled before run() begins.
         self._status = RequestStatus(
-            request.request_id, RequestState.PENDING, request.model, request.requested_at
+            request.request_id,
+            RequestState.PENDING,
+            request.model,
+            request.requested_at,
+            email=request.email,
+            justification=request.justification,
         )
         self._decision: Decision | None = None
         self._expired = False
@@ -159,17 +165,21 @@ class KeyRequestWorkflow:
 
     # Decisions from people: signals (CLI, reconciler relaying kubectl) and the admin API's update.
 
+    # Signals carry no authentication: whoever Temporal lets signal may send any name, so the
+    # name is recorded as declared, never as an identity.
+
     @workflow.signal(name=SIGNAL_APPROVE)
     def approve(self, review: Review | None = None) -> None:
-        self._on_review(True, review or Review(), "signal")
+        self._on_review(True, _declared(review or Review()), "signal")
 
     @workflow.signal(name=SIGNAL_DENY)
     def deny(self, review: Review | None = None) -> None:
-        self._on_review(False, review or Review(), "signal")
+        self._on_review(False, _declared(review or Review()), "signal")
 
     @workflow.update(name=UPDATE_DECIDE)
     def decide(self, decision: Decision) -> RequestStatus:
-        self._on_review(decision.approved, Review(decision.reviewer, decision.reason), "api")
+        review = Review(decision.reviewer, decision.reason)
+        self._on_review(decision.approved, review, decision.source or "api")
         return self._status
 
     @decide.validator
@@ -177,6 +187,11 @@ class KeyRequestWorkflow:
         if self._closed_to_decisions():
             raise ApplicationError(
                 f"request already {self._closed_to_decisions()}", type="AlreadyDecided"
+            )
+        # The API refuses this first; a second check here, where the requester is known for sure.
+        if decision.reviewer.strip().lower() == self._status.email.strip().lower():
+            raise ApplicationError(
+                "nobody may decide their own request", type="SelfApproval", non_retryable=True
             )
 
     @workflow.query(name=QUERY_STATUS)
@@ -223,6 +238,13 @@ class KeyRequestWorkflow:
     def _final(self, request: KeyRequest) -> FinalState:
         status = self._status
         return FinalState(request.request_id, status.state, status.reason, self._decision)
+
+
+def _declared(review: Review) -> Review:
+    name = review.reviewer.strip()
+    if name and not name.startswith(DECLARED_PREFIX):
+        name = DECLARED_PREFIX + name
+    return Review(name, review.reason)
 
 
 def _iso(moment) -> str:
