@@ -25,6 +25,7 @@ from typing import Annotated, Any
 import httpx
 import jwt
 from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from temporalio.client import WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 
@@ -229,16 +230,14 @@ class Authenticator:
 
     # The JSON API
 
-    async def from_bearer_or_proxy(self, request: Request) -> Principal:
+    async def from_bearer_or_proxy(self, request: Request, token: str | None) -> Principal:
         if not (self.oidc_enabled or self.proxy_enabled or self.admin_token_enabled):
             raise AuthError(
                 403,
                 "the admin API is disabled; set ADMIN_TOKEN, AUTH_OIDC_ISSUER or "
                 "AUTH_TRUSTED_PROXIES to enable it",
             )
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            token = token.strip()
+        if token:
             if self.oidc_enabled and token.count(".") == 2:
                 return self.principal_from_claims(await self.verify_token(token), "oidc")
             if self.admin_token_enabled and secrets.compare_digest(
@@ -257,15 +256,21 @@ class Authenticator:
         )
 
 
+# Also what /docs shows as the admin API's "Authorize" (an OIDC token or ADMIN_TOKEN).
+_bearer = HTTPBearer(auto_error=False, description="An OIDC access token, or ADMIN_TOKEN")
+
+
 def get_authenticator(request: Request) -> Authenticator:
     return request.app.state.auth
 
 
 async def require_approver(
-    request: Request, auth: Annotated[Authenticator, Depends(get_authenticator)]
+    request: Request,
+    auth: Annotated[Authenticator, Depends(get_authenticator)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
     """The admin API's caller: ADMIN_TOKEN, or someone named in some approvers list."""
-    principal = await auth.from_bearer_or_proxy(request)
+    principal = await auth.from_bearer_or_proxy(request, bearer.credentials if bearer else None)
     if not principal.is_automation and not principal.is_one_of(all_approvers(auth.settings)):
         raise AuthError(
             403,

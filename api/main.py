@@ -68,6 +68,7 @@ def get_requests(request: Request) -> KeyRequests:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RequestsDep = Annotated[KeyRequests, Depends(get_requests)]
 
+
 def _out(status: RequestStatus, admin: bool = False) -> RequestStatusOut:
     return RequestStatusOut(
         request_id=status.request_id,

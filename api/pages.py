@@ -52,6 +52,8 @@ def _age(iso: str) -> str:
     except ValueError:
         return ""
     seconds = max(0, int((datetime.now(UTC) - then).total_seconds()))
+    if seconds < 60:
+        return "under a minute"
     if seconds < 3600:
         return f"{seconds // 60} min"
     if seconds < 86400:
