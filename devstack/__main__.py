@@ -28,6 +28,7 @@ from api.main import create_app
 from devstack.kube import KubeStandin
 from devstack.litellm import LiteLLMStandin
 from devstack.mail import MailSink
+from devstack.oidc import APPROVERS_GROUP, IDENTITIES, OIDCIssuer
 from devstack.temporal import TemporalDevServer, connect_when_ready
 from settings import ConfigError, load_settings
 from worker import run_worker
@@ -50,6 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smtp-port", type=int, default=1025)
     parser.add_argument("--litellm-port", type=int, default=4000)
     parser.add_argument("--kube-port", type=int, default=6443)
+    parser.add_argument("--oidc-port", type=int, default=9400)
     return parser.parse_args(argv)  # fmt: skip
 
 
@@ -101,6 +103,16 @@ async def run(args: argparse.Namespace) -> int:
                 f"SMTP            {sink.host}:{sink.port}  STAND-IN, mails in {state / 'mail'}"
             )
 
+        if os.environ.get("AUTH_OIDC_ISSUER"):
+            lines.append(f"Sign-on         {os.environ['AUTH_OIDC_ISSUER']}")
+        else:
+            issuer = OIDCIssuer().start(args.oidc_port)
+            stack.callback(issuer.stop)
+            overrides.update(auth_oidc_issuer=issuer.url, auth_oidc_client_id=issuer.client_id,
+                             auth_oidc_client_secret=issuer.client_secret)  # fmt: skip
+            lines.append(f"Sign-on         {issuer.url}  LOCAL ISSUER, anyone signs in as anyone")
+            lines.append(f"                approvers: group {APPROVERS_GROUP}, {IDENTITIES[0][0]}")
+
         if not os.environ.get("ADMIN_TOKEN"):
             overrides["admin_token"] = DEV_ADMIN_TOKEN
         settings = load_settings(**overrides)
@@ -125,6 +137,8 @@ async def run(args: argparse.Namespace) -> int:
             await asyncio.sleep(0.05)
 
         lines.insert(0, f"API             http://127.0.0.1:{args.api_port}  (docs /docs)")
+        lines.insert(1, f"Request a key   http://127.0.0.1:{args.api_port}/request")
+        lines.insert(2, f"Approver inbox  http://127.0.0.1:{args.api_port}/inbox  (signs you in)")
         token = settings.admin_token.get_secret_value()
         lines.append(
             f"Admin token     {token if token == DEV_ADMIN_TOKEN else '(from ADMIN_TOKEN)'}"

@@ -38,11 +38,14 @@ def read_until(process: subprocess.Popen, marker: str, within: float = 60) -> st
 
 
 def test_local_stack_serves_a_request_end_to_end_and_stops_cleanly(tmp_path):
-    ports = {name: free_port() for name in ("api", "temporal", "ui", "smtp", "litellm", "kube")}
+    ports = {
+        name: free_port() for name in ("api", "temporal", "ui", "smtp", "litellm", "kube", "oidc")
+    }
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("KUBECONFIG", "LITELLM_BASE_URL", "SMTP_HOST", "ADMIN_TOKEN")
+        if k
+        not in ("KUBECONFIG", "LITELLM_BASE_URL", "SMTP_HOST", "ADMIN_TOKEN", "AUTH_OIDC_ISSUER")
     }
     command = [sys.executable, "-m", "devstack", "--state-dir", str(tmp_path)]
     for name, port in ports.items():
@@ -54,6 +57,7 @@ def test_local_stack_serves_a_request_end_to_end_and_stops_cleanly(tmp_path):
         banner = read_until(process, "ready")
         assert f"http://127.0.0.1:{ports['ui']}" in banner  # the Web UI
         assert "STAND-IN" in banner and f"KUBECONFIG={tmp_path / 'kubeconfig'}" in banner
+        assert f"Sign-on         http://127.0.0.1:{ports['oidc']}" in banner
 
         # config.yaml approves example.com staff for gpt-4o-mini without a human.
         response = httpx.post(
