@@ -168,7 +168,9 @@ class Authenticator:
             key = await asyncio.to_thread(client.get_signing_key_from_jwt, token)
         except jwt.PyJWKClientConnectionError as exc:
             raise AuthError(503, f"cannot fetch the issuer's JWKS ({exc}); retry") from None
-        except (jwt.PyJWKClientError, jwt.DecodeError) as exc:
+        except jwt.DecodeError as exc:
+            raise AuthError(401, f"token refused: neither ADMIN_TOKEN nor a JWT ({exc})") from None
+        except jwt.PyJWKClientError as exc:
             raise AuthError(
                 401, f"token refused: not signed by a key of the issuer ({exc})"
             ) from None
@@ -238,15 +240,15 @@ class Authenticator:
                 "AUTH_TRUSTED_PROXIES to enable it",
             )
         if token:
-            if self.oidc_enabled and token.count(".") == 2:
-                return self.principal_from_claims(await self.verify_token(token), "oidc")
             if self.admin_token_enabled and secrets.compare_digest(
                 token.encode(), self.settings.admin_token.get_secret_value().encode()
             ):
                 return Principal(
                     "", frozenset(), "admin-token", self.settings.auth_admin_token_name
                 )
-            raise AuthError(403, "invalid bearer token: neither an OIDC token nor ADMIN_TOKEN")
+            if self.oidc_enabled:
+                return self.principal_from_claims(await self.verify_token(token), "oidc")
+            raise AuthError(403, "invalid bearer token: not ADMIN_TOKEN (and OIDC is off)")
         principal = self.from_proxy(request)
         if principal is not None:
             return principal

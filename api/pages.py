@@ -143,6 +143,13 @@ def render(request: Request, template: str, status_code: int = 200, **context) -
         response.set_cookie(
             CSRF_COOKIE, token, httponly=True, samesite="strict", secure=_secure(request)
         )
+    # No framing (a hidden inbox under a decoy page would turn clicks into approvals), no
+    # scripts, nothing from elsewhere.
+    response.headers["Content-Security-Policy"] = (
+        "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'"
+    )
+    response.headers["Referrer-Policy"] = "same-origin"
     return response
 
 

@@ -150,6 +150,13 @@ async def test_the_trusted_proxy_s_headers_name_the_reviewer(signon_api, signon_
     assert f"approved by {NAMED_APPROVER}" in plain(message)
 
 
+async def test_a_bearer_that_is_neither_admin_token_nor_a_jwt_is_refused(signon_api):
+    _, request_id = await pending(signon_api)
+    response = await approve(signon_api, request_id, bearer("not-the-token"))
+    assert response.status_code == 401
+    assert "neither ADMIN_TOKEN nor a JWT" in response.json()["message"]
+
+
 async def test_admin_token_decides_under_its_configured_name(signon_api, signon_settings):
     _, request_id = await pending(signon_api)
     response = await signon_api.post(

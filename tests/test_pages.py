@@ -126,6 +126,31 @@ async def test_a_requester_submits_the_form_and_the_key_arrives(context, mail, l
     await screenshot(page, "request-status", readme=True)
 
 
+async def test_the_form_works_from_the_keyboard_with_every_control_labelled(context):
+    page = await context.new_page()
+    await page.goto("/request")
+    unlabelled = await page.evaluate(
+        """[...document.querySelectorAll('input:not([type=hidden]), textarea, select')]
+            .filter(e => e.labels.length === 0).map(e => e.name)"""
+    )
+    assert unlabelled == []
+    order = []
+    for _ in range(12):
+        await page.keyboard.press("Tab")
+        order.append(
+            await page.evaluate(
+                "document.activeElement.name || document.activeElement.textContent.trim()"
+            )
+        )
+        if order[-1] == "Request key":
+            break
+    assert order[0] == "Skip to content"
+    fields = [name for name in order if name in ("email", "llm", "justification", "Request key")]
+    assert fields == ["email", "llm", "justification", "Request key"]
+    csp = (await page.request.get("/request")).headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in csp
+
+
 async def test_form_errors_name_the_field(context):
     page = await context.new_page()
     await page.goto("/request")
