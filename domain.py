@@ -172,6 +172,8 @@ class RequestStatus:
     # For approvers (admin API, inbox); the public status endpoint leaves them out.
     email: str = ""
     justification: str = ""
+    # approved | denied once decided: the state lags while the key is minted or mail sent.
+    decision: str = ""
 
 
 # The reconciler.

@@ -80,6 +80,7 @@ def _out(status: RequestStatus, admin: bool = False) -> RequestStatusOut:
         decision_source=status.decision_source,
         reviewer=status.reviewer,
         reason=status.reason,
+        decision=status.decision,
         key_expires=status.key_expires,
         deadline=status.deadline,
         workflow_id=workflow_id(status.request_id),
@@ -152,6 +153,7 @@ async def request_key(
     return KeyRequestOut(
         request_id=status.request_id,
         status=str(status.state),
+        decision=status.decision,
         model=status.model,
         message=message,
         workflow_id=workflow_id(status.request_id),
@@ -161,9 +163,10 @@ async def request_key(
 def _submitted_message(status: RequestStatus) -> str:
     if status.state.is_final:
         return f"Request {status.state}. You will get an email with the details."
-    if status.decided_at:
-        verdict = "approved" if status.reviewer.startswith("policy:") else "decided"
-        return f"Request {verdict}; you will get an email with the outcome in a moment."
+    if status.decision == "approved":
+        return "Request approved. Your key is being created and will be emailed to you."
+    if status.decision == "denied":
+        return "Request denied. You will get an email with the reason."
     return "Request received. You will get an email when it is decided."
 
 

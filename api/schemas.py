@@ -30,6 +30,11 @@ class KeyRequestIn(BaseModel):
 class KeyRequestOut(BaseModel):
     request_id: str
     status: str = Field(description="pending, approved, denied, expired or failed")
+    decision: str = Field(
+        default="",
+        description="approved or denied once decided (the policy usually decides at once); "
+        "`status` follows when the key is minted or the denial recorded",
+    )
     model: str
     message: str
     workflow_id: str
@@ -45,6 +50,7 @@ class RequestStatusOut(BaseModel):
     decision_source: str = ""
     reviewer: str = ""
     reason: str = ""
+    decision: str = Field(default="", description="approved or denied once decided")
     key_expires: str | None = None
     deadline: str = ""
     workflow_id: str

@@ -44,6 +44,8 @@ from workflows.key_request import KeyRequestWorkflow
 _UNREACHABLE = (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED)
 # Bounds every read the API makes, so a caller always gets an answer.
 _RPC = timedelta(seconds=10)
+# Bounds each row's query when a listing is filled in with what the workflows know.
+_ROW_QUERY = timedelta(seconds=2)
 
 
 class UnknownRequest(Exception):
@@ -124,11 +126,11 @@ class KeyRequests:
             return _visible_status(desc)
 
     async def settled(self, status: RequestStatus, within: float) -> RequestStatus:
-        """The request's status once it has settled, or as it is after `within` seconds.
+        """The request's status once the policy has spoken, or as it is after `within` s.
 
-        Settled: final (the policy approved and the key is minted, or it denied), or waiting
-        for a person (the deadline is set). The policy usually decides within a moment of the
-        start: waiting that long lets the submitter hear the outcome instead of `pending`.
+        Spoken: a decision is recorded (the key may still be in the making), or the request
+        waits for a person (the deadline is set), or it is final. The policy usually answers
+        within a moment: waiting that long lets the submitter hear the outcome at once.
         """
         handle = self.client.get_workflow_handle(workflow_id(status.request_id))
         deadline = asyncio.get_running_loop().time() + within
@@ -140,20 +142,27 @@ class KeyRequests:
             except (RPCError, TimeoutError):
                 return status  # no worker yet, or too slow: the caller still has an answer
             status = current
-            if status.state.is_final or status.deadline:
+            if status.state.is_final or status.decided_at or status.deadline:
                 break
             await asyncio.sleep(0.05)
         return status
 
     async def detailed(self, rows: list[RequestStatus]) -> list[RequestStatus]:
-        """Listing rows with what only the workflow knows (requester, reviewer, decided_at)."""
-        limit = asyncio.Semaphore(16)
+        """Listing rows with what only the workflow knows (requester, reviewer, decided_at).
+
+        A row whose workflow no worker answers for (none polling its task queue) stays as
+        visibility has it, after a short wait: one such row must not hold up the page.
+        """
+        limit = asyncio.Semaphore(32)
 
         async def one(row: RequestStatus) -> RequestStatus:
+            handle = self.client.get_workflow_handle(workflow_id(row.request_id))
             async with limit:
                 try:
-                    return await self.status(row.request_id)
-                except (UnknownRequest, RPCError):
+                    return await handle.query(
+                        QUERY_STATUS, result_type=RequestStatus, rpc_timeout=_ROW_QUERY
+                    )
+                except RPCError:
                     return row
 
         return list(await asyncio.gather(*(one(row) for row in rows)))

@@ -189,7 +189,8 @@ class KeyRequestWorkflow:
                 f"request already {self._closed_to_decisions()}", type="AlreadyDecided"
             )
         # The API refuses this first; a second check here, where the requester is known for sure.
-        if decision.reviewer.strip().lower() == self._status.email.strip().lower():
+        requester = self._status.email.strip().lower()
+        if requester and decision.reviewer.strip().lower() == requester:
             raise ApplicationError(
                 "nobody may decide their own request", type="SelfApproval", non_retryable=True
             )
@@ -223,6 +224,7 @@ class KeyRequestWorkflow:
         self._status.reviewer = decision.reviewer
         self._status.reason = decision.reason
         self._status.decision_source = decision.source
+        self._status.decision = "approved" if decision.approved else "denied"
 
     def _set_state(self, state: RequestState) -> None:
         self._status.state = state
