@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -41,8 +42,9 @@ GROUPS_HEADER = "X-Auth-Request-Groups"
 # anyone can read, and "none" is no signature at all.
 ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"]
 _LEEWAY = 30  # seconds of clock skew tolerated on exp/iat/nbf
-# A stale key set is refetched at most this often (and at once when a token names an unknown kid).
+# The key set is refetched when older than this, and for an unknown kid at most this often.
 _JWKS_LIFESPAN = 300
+_JWKS_REFETCH = 60
 
 
 class AuthError(HTTPException):
@@ -108,6 +110,7 @@ class Authenticator:
         ]
         self._discovery: dict[str, Any] | None = None
         self._jwks: jwt.PyJWKClient | None = None
+        self._refetched = float("-inf")
         self._lock = asyncio.Lock()
 
     @property
@@ -162,18 +165,15 @@ class Authenticator:
 
     async def verify_token(self, token: str, audience: str | None = None) -> dict[str, Any]:
         """The claims of a JWT the issuer signed for us; AuthError(401) naming what is wrong."""
-        client = await self._jwks_client()
         try:
-            # PyJWKClient is synchronous (urllib); a key-set fetch must not block the loop.
-            key = await asyncio.to_thread(client.get_signing_key_from_jwt, token)
-        except jwt.PyJWKClientConnectionError as exc:
-            raise AuthError(503, f"cannot fetch the issuer's JWKS ({exc}); retry") from None
+            kid = jwt.get_unverified_header(token).get("kid")
         except jwt.DecodeError as exc:
             raise AuthError(401, f"token refused: neither ADMIN_TOKEN nor a JWT ({exc})") from None
-        except jwt.PyJWKClientError as exc:
+        key = await self._signing_key(kid)
+        if key is None:
             raise AuthError(
-                401, f"token refused: not signed by a key of the issuer ({exc})"
-            ) from None
+                401, f"token refused: key {str(kid)[:40]!r} is not in the issuer's JWKS"
+            )
         try:
             return jwt.decode(
                 token,
@@ -186,6 +186,29 @@ class Authenticator:
             )
         except jwt.InvalidTokenError as exc:
             raise AuthError(401, f"token refused: {exc}") from None
+
+    async def _signing_key(self, kid: Any) -> jwt.PyJWK | None:
+        """The issuer's key `kid`. An unknown kid refetches the key set (the issuer may have
+        rotated its keys), at most once per _JWKS_REFETCH: otherwise every made-up kid would
+        make us call the issuer."""
+        client = await self._jwks_client()
+
+        def find(refresh: bool) -> jwt.PyJWK | None:
+            keys = client.get_signing_keys(refresh=refresh)
+            return next((k for k in keys if k.key_id == kid), None)
+
+        try:
+            # PyJWKClient is synchronous (urllib): off the event loop.
+            key = await asyncio.to_thread(find, False)
+            now = time.monotonic()
+            if key is None and now - self._refetched > _JWKS_REFETCH:
+                self._refetched = now
+                key = await asyncio.to_thread(find, True)
+        except jwt.PyJWKClientConnectionError as exc:
+            raise AuthError(503, f"cannot fetch the issuer's JWKS ({exc}); retry") from None
+        except jwt.PyJWKClientError as exc:
+            raise AuthError(503, f"the issuer's JWKS is unusable ({exc})") from None
+        return key
 
     def principal_from_claims(self, claims: dict[str, Any], method: str) -> Principal:
         email = claims.get("email")

@@ -43,6 +43,7 @@ class OIDCIssuer:
         self.key = new_key()
         self.kid = secrets.token_hex(4)
         self._codes: dict[str, dict] = {}
+        self.jwks_served = 0  # how often the key set was fetched
         self._served: ServedApp | None = None
         self.url = ""
 
@@ -66,9 +67,10 @@ class OIDCIssuer:
         audience: str | None = None,
         lifetime: int = 3600,
         key: rsa.RSAPrivateKey | None = None,
+        kid: str | None = None,
         **claims,
     ) -> str:
-        """A token as this issuer signs them; `key` and `claims` let tests forge bad ones."""
+        """A token as this issuer signs them; `key`, `kid` and `claims` let tests forge bad ones."""
         now = int(time.time())
         body = {
             "iss": self.url,
@@ -80,7 +82,9 @@ class OIDCIssuer:
             "groups": list(groups),
             **claims,
         }
-        return jwt.encode(body, key or self.key, algorithm="RS256", headers={"kid": self.kid})
+        return jwt.encode(
+            body, key or self.key, algorithm="RS256", headers={"kid": kid or self.kid}
+        )
 
     # HTTP
 
@@ -110,6 +114,7 @@ class OIDCIssuer:
         )
 
     async def _jwks(self, _: Request) -> Response:
+        self.jwks_served += 1
         return JSONResponse(self.jwks())
 
     async def _authorize(self, request: Request) -> Response:

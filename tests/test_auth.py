@@ -84,6 +84,10 @@ def bad_tokens(issuer) -> dict[str, tuple[str, str]]:
             "issuer",
         ),
         "key not in the JWKS": (issuer.token(APPROVER, groups, key=new_key()), "signature"),
+        "unknown kid": (
+            issuer.token(APPROVER, groups, key=new_key(), kid="made-up"),
+            "not in the issuer's jwks",
+        ),
         "alg none": (unsigned(good, issuer.kid), "token refused"),
         "HS256 keyed with the public key": (keyed_with_public_key(good, issuer), "token refused"),
     }
@@ -114,6 +118,7 @@ async def test_a_valid_token_decides_as_its_subject_and_the_body_name_is_ignored
         "wrong audience",
         "wrong issuer",
         "key not in the JWKS",
+        "unknown kid",
         "alg none",
         "HS256 keyed with the public key",
     ],
@@ -126,6 +131,15 @@ async def test_bad_tokens_are_refused(signon_api, issuer, name):
     assert word in response.json()["message"].lower()
     shown = await signon_api.get(f"/api/requests/{request_id}")
     assert shown.json()["state"] == "pending" and shown.json()["reviewer"] == ""
+
+
+async def test_made_up_key_ids_do_not_make_the_api_call_the_issuer_each_time(signon_api, issuer):
+    _, request_id = await pending(signon_api)
+    before = issuer.jwks_served
+    for n in range(5):
+        token = issuer.token(APPROVER, (APPROVERS_GROUP,), key=new_key(), kid=f"made-up-{n}")
+        assert (await approve(signon_api, request_id, bearer(token))).status_code == 401
+    assert issuer.jwks_served - before <= 1
 
 
 async def test_a_forged_proxy_header_from_an_untrusted_address_is_refused(signon_api):
