@@ -71,6 +71,12 @@ SA_MODEL = SearchAttributeKey.for_keyword("KeyRequestModel")
 SEARCH_ATTRIBUTES = (SA_STATE, SA_MODEL)
 
 
+JUSTIFICATION_MAX = 1000
+# How a decision made through a signal names its reviewer: signals carry no authentication, so
+# the name is only what the sender declared.
+DECLARED_PREFIX = "declared:"
+
+
 def request_id_for(email: str, model: str, key: str) -> str:
     """The id of the request for (email, model): the same pair always maps to the same id.
 
@@ -110,6 +116,8 @@ class KeyRequest:
     email: str
     model: str
     requested_at: str  # ISO 8601, UTC
+    # Why the requester needs the key, shown to approvers (at most JUSTIFICATION_MAX characters).
+    justification: str = ""
     # Which turn of the request this is: 1 for the first submission, +1 for each renewal or
     # new submission after the request finished. Part of each email's Message-ID.
     cycle: int = 1
@@ -195,6 +203,11 @@ class RequestStatus:
     rotated_at: str = ""
     # When a finished request's Secret is deleted (lifecycle.retention after it finished).
     cleanup_at: str = ""
+    # For approvers (admin API, inbox); the public status endpoint leaves them out.
+    email: str = ""
+    justification: str = ""
+    # approved | denied once decided: the state lags while the key is minted or mail sent.
+    decision: str = ""
 
 
 @dataclass
@@ -227,6 +240,8 @@ class Resubmission:
     requested_at: str
     # approval.resubmit_after, passed by the API so that the workflow never reads config.
     resubmit_after_seconds: int = 0
+    # The new submission's own justification, for the request it starts over (if it does).
+    justification: str = ""
 
 
 @dataclass

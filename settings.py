@@ -8,6 +8,7 @@ scalar has exactly one environment variable, the section and key joined (`LITELL
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import os
 import re
 from datetime import timedelta
@@ -35,7 +36,7 @@ from pydantic_settings import (
 DEFAULT_CONFIG_FILE = Path(__file__).with_name("config.yaml")
 # Sections of config.yaml whose keys become `<section>_<key>` settings.
 _FLATTENED_SECTIONS = (
-    "litellm", "approval", "smtp", "kubernetes", "temporal", "api", "lifecycle"
+    "litellm", "approval", "smtp", "kubernetes", "temporal", "api", "lifecycle", "auth"
 )  # fmt: skip
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
@@ -99,6 +100,9 @@ class ApprovalRule(BaseModel):
     reason: str = ""
     # What a renewal of a key granted by this rule needs; unset: the same as `decision`.
     renewals: Decision | None = None
+    # Who may decide a request this rule leaves to a person: emails and/or group names.
+    # Empty: approval.approvers.
+    approvers: tuple[str, ...] = ()
 
     @model_validator(mode="after")
     def _check(self) -> ApprovalRule:
@@ -168,6 +172,8 @@ class Settings(BaseSettings):
     approval_default_reason: str = "Your request was not approved."
     approval_deadline: Duration = timedelta(days=7)
     approval_rules: tuple[ApprovalRule, ...] = ()
+    # Approvers of requests whose rule names none (emails and/or group names).
+    approval_approvers: tuple[str, ...] = ()
 
     smtp_host: str = "localhost"
     smtp_port: int = Field(default=587, ge=1, le=65535)
@@ -197,6 +203,8 @@ class Settings(BaseSettings):
     # Browser origins allowed to call the API from another origin; none by default.
     api_cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
     api_max_body_bytes: int = Field(default=16384, ge=1024)
+    # How long POST /api/request-key waits for the policy's decision before answering.
+    api_decision_wait: Duration = timedelta(milliseconds=500)
 
     # A submission this soon after a denial is refused (429) instead of starting over.
     approval_resubmit_after: Duration = timedelta(hours=24)
@@ -211,6 +219,19 @@ class Settings(BaseSettings):
     lifecycle_retention: Duration = timedelta(days=30)
 
     admin_token: SecretStr = SecretStr("")
+
+    # Sign-on (api/auth.py). OIDC is on when an issuer is set; proxy headers when proxies are.
+    auth_oidc_issuer: str = ""
+    auth_oidc_audience: str = ""  # bearer tokens' `aud`; default: the client id
+    auth_oidc_jwks_url: str = ""  # default: from the issuer's discovery document
+    auth_oidc_client_id: str = ""  # the web pages' browser sign-in
+    auth_oidc_client_secret: SecretStr = SecretStr("")
+    auth_group_claim: str = "groups"
+    auth_trusted_proxies: Annotated[tuple[str, ...], NoDecode] = ()
+    auth_admin_token_name: str = Field(default="admin-token", min_length=1, max_length=100)
+    # Signs session and CSRF cookies; default: derived from request_id_key.
+    auth_session_secret: SecretStr = SecretStr("")
+    auth_session_lifetime: Duration = timedelta(hours=8)
     # Keys the request id derived from (email, model), so ids reveal nothing about the email.
     request_id_key: SecretStr = SecretStr(BUILT_IN_REQUEST_ID_KEY)
 
@@ -226,6 +247,7 @@ class Settings(BaseSettings):
         "litellm_timeout",
         "smtp_timeout",
         "lifecycle_retention",
+        "auth_session_lifetime",
     )
     @classmethod
     def _durations_positive(cls, value: timedelta | None) -> timedelta | None:
@@ -273,6 +295,32 @@ class Settings(BaseSettings):
             return tuple(o.strip() for o in value.split(",") if o.strip())
         return value
 
+    @field_validator("auth_trusted_proxies", mode="before")
+    @classmethod
+    def _proxies(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(p.strip() for p in value.split(",") if p.strip())
+        return value
+
+    @field_validator("auth_trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{cidr!r} is not an address or CIDR, e.g. 10.0.0.0/8 or 127.0.0.1"
+                ) from None
+        return value
+
+    @field_validator("auth_oidc_issuer", "auth_oidc_jwks_url")
+    @classmethod
+    def _oidc_url(cls, value: str) -> str:
+        if value and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"{value!r} is not an http(s) URL, e.g. https://login.example.com")
+        return value.rstrip("/")
+
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
         ids = [m.id for m in self.models]
@@ -289,6 +337,11 @@ class Settings(BaseSettings):
                         f"approval.rules: rule {rule.name!r} names model {pattern!r}, which "
                         f"matches no model in `models` ({', '.join(ids)})"
                     )
+        if self.auth_oidc_issuer and not (self.auth_oidc_audience or self.auth_oidc_client_id):
+            raise ValueError(
+                "auth.oidc_audience (env AUTH_OIDC_AUDIENCE): required with auth.oidc_issuer; "
+                "set it (or auth.oidc_client_id) to the audience your issuer puts in tokens"
+            )
         return self
 
     def check_secrets(self, *names: str) -> None:
@@ -338,6 +391,12 @@ class Settings(BaseSettings):
                 return decision, reason, rule.name
         reason = self.approval_default_reason if self.approval_default == "deny" else ""
         return self.approval_default, reason, "default"
+
+    def approvers_for(self, email: str, model: str) -> tuple[str, ...]:
+        """Who may decide the request (emails and/or groups): its rule's, else the default."""
+        _, _, rule_name = self.decide(email, model)
+        rule = next((r for r in self.approval_rules if r.name == rule_name), None)
+        return (rule.approvers if rule else ()) or self.approval_approvers
 
     @property
     def namespace(self) -> str:

@@ -89,6 +89,7 @@ DECISION, DECISION_SOURCE, DECIDED_AT = _a("decision"), _a("decision-source"), _
 REVIEWER, REASON = _a("reviewer"), _a("reason")
 KEY_ALIAS, KEY_EXPIRES = _a("key-alias"), _a("key-expires")
 NOTIFIED = _a("notified")  # the state the requester was last emailed about
+JUSTIFICATION = _a("justification")
 DECISION_ANNOTATIONS = (DECISION, DECISION_SOURCE, DECIDED_AT, REVIEWER, REASON)
 # A key's life: which cycle the request is in (1 = first submission), the last lifecycle email
 # sent (so a retried activity does not send it twice), rotation and revocation records.
@@ -175,6 +176,7 @@ def new_secret(request: KeyRequest) -> client.V1Secret:
                 MODEL: request.model,
                 REQUESTED_AT: request.requested_at,
                 WORKFLOW_ID: workflow_id(request.request_id),
+                **({JUSTIFICATION: request.justification} if request.justification else {}),
             },
         ),
         type="Opaque",

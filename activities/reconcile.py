@@ -16,6 +16,7 @@ from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus
 
 from activities.key_request import (
     EMAIL,
+    JUSTIFICATION,
     MODEL,
     REQUESTED_AT,
     decision_of,
@@ -178,7 +179,7 @@ class ReconcileActivities:
         await start_key_request(
             self.temporal,
             self.settings.temporal_task_queue,
-            KeyRequest(request_id, email, model, requested_at),
+            KeyRequest(request_id, email, model, requested_at, annotations.get(JUSTIFICATION, "")),
             signal=SIGNALS.get(signal or ""),
             review=review,
         )

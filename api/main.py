@@ -6,7 +6,6 @@ uvicorn api.main:create_app --factory --host 0.0.0.0 --port 8000
 from __future__ import annotations
 
 import logging
-import secrets
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,11 +18,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 from temporalio.service import RPCError, RPCStatusCode
 
+from api import pages
+from api.auth import ApproverDep, Authenticator, decide_as, require_approver
 from api.schemas import (
     DenyIn,
     ErrorOut,
@@ -51,7 +52,6 @@ from connection import connect_temporal
 from domain import (
     UPDATE_REVOKE,
     UPDATE_ROTATE,
-    Decision,
     RequestState,
     RequestStatus,
     Revocation,
@@ -65,8 +65,12 @@ log = logging.getLogger("api")
 
 ERRORS = {
     400: {"model": ErrorOut, "description": "The body is not readable JSON text"},
-    401: {"model": ErrorOut, "description": "No bearer token"},
-    403: {"model": ErrorOut, "description": "Wrong token, or the admin API is disabled"},
+    401: {"model": ErrorOut, "description": "No credentials, or a token that is not valid"},
+    403: {
+        "model": ErrorOut,
+        "description": "Not allowed: wrong token, not an approver of the "
+        "request, your own request, or the admin API is disabled",
+    },
     404: {"model": ErrorOut, "description": "No such request"},
     409: {"model": ErrorOut, "description": "The request is already decided"},
     413: {"model": ErrorOut, "description": "Body too large"},
@@ -93,34 +97,17 @@ def get_requests(request: Request) -> KeyRequests:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RequestsDep = Annotated[KeyRequests, Depends(get_requests)]
-_bearer = HTTPBearer(auto_error=False)
 
 
-def require_admin(
-    settings: SettingsDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> None:
-    expected = settings.admin_token.get_secret_value()
-    if not expected:
-        raise HTTPException(403, "the admin API is disabled; set ADMIN_TOKEN to enable it")
-    if credentials is None:
-        raise HTTPException(
-            401,
-            "admin token required: Authorization: Bearer <ADMIN_TOKEN>",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    if not secrets.compare_digest(credentials.credentials.encode(), expected.encode()):
-        raise HTTPException(403, "invalid admin token")
-
-
-def _out(status: RequestStatus, public: bool = False) -> RequestStatusOut:
-    """The status as shown; `public` (anyone who knows the id) names no person.
+def _out(status: RequestStatus, admin: bool = False) -> RequestStatusOut:
+    """The status as shown. Without `admin` (anyone who knows the id) it names no person.
 
     A reviewer's name is personal, and a reviewer's reason or a failure's cause may name people
     or internals: the public view keeps only the reasons the service itself wrote (a denying
-    policy rule's text from config.yaml, the expiry notice).
+    policy rule's text from config.yaml, the expiry notice). The requester and the
+    justification are for approvers.
     """
-    if public:
+    if not admin:
         own_words = status.state == RequestState.EXPIRED or (
             status.state == RequestState.DENIED and status.decision_source == "policy"
         )
@@ -135,6 +122,7 @@ def _out(status: RequestStatus, public: bool = False) -> RequestStatusOut:
         decision_source=status.decision_source,
         reviewer=status.reviewer,
         reason=status.reason,
+        decision=status.decision,
         key_expires=status.key_expires,
         deadline=status.deadline,
         workflow_id=workflow_id(status.request_id),
@@ -145,6 +133,8 @@ def _out(status: RequestStatus, public: bool = False) -> RequestStatusOut:
         revocation_reason=status.revocation_reason,
         rotated_at=status.rotated_at,
         cleanup_at=status.cleanup_at,
+        requester=status.email if admin else "",
+        justification=status.justification if admin else "",
     )
 
 
@@ -155,7 +145,7 @@ def _checked_id(request_id: str) -> str:
 
 
 public = APIRouter()
-admin = APIRouter(prefix="/api/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+admin = APIRouter(prefix="/api/admin", tags=["admin"], dependencies=[Depends(require_approver)])
 
 
 @public.get("/", tags=["status"])
@@ -204,9 +194,10 @@ async def request_key(
                 }
             ]
         )
-    status, outcome = await requests.submit(str(body.email), body.llm)
+    status, outcome = await requests.submit(str(body.email), body.llm, body.justification)
     if outcome in ("started", "restarted"):
-        message = "Request received. You will get an email when it is decided."
+        status = await requests.settled(status, settings.api_decision_wait.total_seconds())
+        message = _submitted_message(status)
     elif outcome == "renewing":
         message = "Renewal requested. You will get an email when it is decided."
     elif status.state == RequestState.APPROVED:
@@ -220,6 +211,7 @@ async def request_key(
     return KeyRequestOut(
         request_id=status.request_id,
         status=str(status.state),
+        decision=status.decision,
         model=status.model,
         message=message,
         workflow_id=workflow_id(status.request_id),
@@ -227,10 +219,20 @@ async def request_key(
     )
 
 
+def _submitted_message(status: RequestStatus) -> str:
+    if status.state.is_final:
+        return f"Request {status.state}. You will get an email with the details."
+    if status.decision == "approved":
+        return "Request approved. Your key is being created and will be emailed to you."
+    if status.decision == "denied":
+        return "Request denied. You will get an email with the reason."
+    return "Request received. You will get an email when it is decided."
+
+
 @public.get("/api/requests/{request_id}", tags=["requests"], responses=ERRORS)
 async def get_request(request_id: str, requests: RequestsDep) -> RequestStatusOut:
     """State, model, timestamps and decision of one request. Never the key, nor the reviewer."""
-    return _out(await requests.status(_checked_id(request_id)), public=True)
+    return _out(await requests.status(_checked_id(request_id)))
 
 
 @admin.get("/requests", responses=ERRORS)
@@ -240,42 +242,62 @@ async def list_requests(
     page_size: Annotated[int, Query(ge=1, le=500)] = 50,
     page_token: Annotated[str | None, Query(max_length=4096)] = None,
 ) -> RequestPage:
+    """Requests with who asked, who decided and when (one workflow query per row)."""
     rows, token = await requests.list(state, page_size, page_token)
-    return RequestPage(requests=[_out(r) for r in rows], next_page_token=token)
+    rows = await requests.detailed(rows)
+    return RequestPage(requests=[_out(r, admin=True) for r in rows], next_page_token=token)
 
 
 @admin.get("/requests/{request_id}", responses=ERRORS)
 async def admin_get_request(request_id: str, requests: RequestsDep) -> RequestStatusOut:
-    return _out(await requests.status(_checked_id(request_id)))
+    return _out(await requests.status(_checked_id(request_id)), admin=True)
 
 
 @admin.post("/requests/{request_id}/approve", responses=ERRORS)
 async def approve(
-    request_id: str, requests: RequestsDep, body: ReviewIn | None = None
+    request_id: str,
+    requests: RequestsDep,
+    principal: ApproverDep,
+    body: ReviewIn | None = None,
 ) -> RequestStatusOut:
-    body = body or ReviewIn()
-    decision = Decision(True, body.reviewer or "admin-api", body.reason, "api")
-    return _out(await requests.decide(_checked_id(request_id), decision))
+    """Approve as the authenticated caller (a body `reviewer` is ignored)."""
+    reason = body.reason if body else ""
+    status = await decide_as(principal, _checked_id(request_id), True, reason, "api", requests)
+    return _out(status, admin=True)
 
 
 @admin.post("/requests/{request_id}/deny", responses=ERRORS)
-async def deny(request_id: str, body: DenyIn, requests: RequestsDep) -> RequestStatusOut:
-    decision = Decision(False, body.reviewer or "admin-api", body.reason, "api")
-    return _out(await requests.decide(_checked_id(request_id), decision))
+async def deny(
+    request_id: str,
+    body: DenyIn,
+    requests: RequestsDep,
+    principal: ApproverDep,
+) -> RequestStatusOut:
+    """Deny as the authenticated caller (a body `reviewer` is ignored)."""
+    status = await decide_as(
+        principal, _checked_id(request_id), False, body.reason, "api", requests
+    )
+    return _out(status, admin=True)
 
 
 @admin.post("/requests/{request_id}/revoke", responses=ERRORS)
-async def revoke(request_id: str, body: RevokeIn, requests: RequestsDep) -> RequestStatusOut:
-    """Delete the live key in LiteLLM and tell its holder why. 409 if there is no live key."""
-    order = Revocation(body.reviewer or "admin-api", body.reason, "api")
-    return _out(await requests.order_key(_checked_id(request_id), UPDATE_REVOKE, order))
+async def revoke(
+    request_id: str, body: RevokeIn, requests: RequestsDep, principal: ApproverDep
+) -> RequestStatusOut:
+    """Delete the live key in LiteLLM and tell its holder why. 409 if there is no live key.
+    Recorded as the authenticated caller (a body `reviewer` is ignored)."""
+    order = Revocation(principal.reviewer, body.reason, "api")
+    return _out(
+        await requests.order_key(_checked_id(request_id), UPDATE_REVOKE, order), admin=True
+    )
 
 
 @admin.post("/requests/{request_id}/rotate", responses=ERRORS)
 async def rotate(
-    request_id: str, requests: RequestsDep, body: RotateIn | None = None
+    request_id: str, requests: RequestsDep, principal: ApproverDep, body: RotateIn | None = None
 ) -> RequestStatusOut:
-    """Mint and email a new key; the old one is deleted after the grace period."""
+    """Mint and email a new key; the old one is deleted after the grace period. Recorded as
+    the authenticated caller (a body `reviewer` is ignored)."""
     body = body or RotateIn()
     grace = None
     if body.grace is not None:
@@ -291,8 +313,10 @@ async def rotate(
                     }
                 ]  # fmt: skip
             ) from None
-    order = RotationOrder(body.reviewer or "admin-api", grace, "api")
-    return _out(await requests.order_key(_checked_id(request_id), UPDATE_ROTATE, order))
+    order = RotationOrder(principal.reviewer, grace, "api")
+    return _out(
+        await requests.order_key(_checked_id(request_id), UPDATE_ROTATE, order), admin=True
+    )
 
 
 # Errors: always JSON with a `message` a person can act on.
@@ -462,16 +486,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.requests = KeyRequests(client, settings)
         yield
 
-    app = FastAPI(
+    # FastAPIOffline: /docs serves Swagger UI 5 from files shipped in the package, no CDN.
+    app = FastAPIOffline(
         title="LLM Key Requestor",
         version="1.0.0",
         description="Request an LLM API key; a Temporal workflow takes it from here to your inbox.",
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.auth = Authenticator(settings)
     app.openapi = lambda: _openapi(app, settings)
     app.include_router(public)
     app.include_router(admin)
+    pages.install(app)
     _install_error_handlers(app, settings)
     app.add_middleware(
         CORSMiddleware,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, EmailStr, Field
 
+from domain import JUSTIFICATION_MAX
+
 
 class ModelInfo(BaseModel):
     id: str
@@ -20,12 +22,20 @@ class KeyRequestIn(BaseModel):
 
     email: EmailStr = Field(max_length=254, examples=["jane.doe@example.com"])
     llm: str = Field(min_length=1, max_length=200, description="A model id from GET /api/models")
+    justification: str = Field(
+        default="", max_length=JUSTIFICATION_MAX, description="Why you need it; approvers see it"
+    )
 
 
 class KeyRequestOut(BaseModel):
     request_id: str
     status: str = Field(
         description="pending, approved, denied, expired, failed, revoked or key-expired"
+    )
+    decision: str = Field(
+        default="",
+        description="approved or denied once decided (the policy usually decides at once); "
+        "`status` follows when the key is minted or the denial recorded",
     )
     model: str
     message: str
@@ -43,6 +53,7 @@ class RequestStatusOut(BaseModel):
     decision_source: str = ""
     reviewer: str = ""
     reason: str = ""
+    decision: str = Field(default="", description="approved or denied once decided")
     key_expires: str | None = None
     deadline: str = ""
     workflow_id: str
@@ -53,6 +64,8 @@ class RequestStatusOut(BaseModel):
     revocation_reason: str = ""
     rotated_at: str = ""
     cleanup_at: str = Field(default="", description="When the finished request's Secret goes")
+    requester: str = Field(default="", description="The requester's email (admin API only)")
+    justification: str = Field(default="", description="The requester's reason (admin API only)")
 
 
 class RequestPage(BaseModel):
@@ -65,7 +78,12 @@ class RequestPage(BaseModel):
 class ReviewIn(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    reviewer: str = Field(default="", max_length=200)
+    reviewer: str = Field(
+        default="",
+        max_length=200,
+        description="Ignored: the reviewer recorded is always the authenticated caller",
+        json_schema_extra={"deprecated": True},
+    )
     reason: str = Field(default="", max_length=2000)
 
 

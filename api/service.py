@@ -73,6 +73,8 @@ _SERVICE_PROBLEMS = (
     RPCStatusCode.PERMISSION_DENIED,
     RPCStatusCode.UNAUTHENTICATED,
 )
+# Bounds each row's query when a listing is filled in with what the workflows know.
+_ROW_QUERY = timedelta(seconds=2)
 
 
 class UnknownRequest(Exception):
@@ -142,7 +144,9 @@ class KeyRequests:
                 return None
             raise
 
-    async def submit(self, email: str, model: str) -> tuple[RequestStatus, str]:
+    async def submit(
+        self, email: str, model: str, justification: str = ""
+    ) -> tuple[RequestStatus, str]:
         """Start the request's workflow, or pass the submission to the running one.
 
         Returns the status and what happened: started, restarted (a finished request starts
@@ -152,7 +156,7 @@ class KeyRequests:
         cooldown = self.settings.approval_resubmit_after
         existing = await self._describe(request_id)
         if existing is not None and existing.status == Status.RUNNING:
-            again = Resubmission(_now(), int(cooldown.total_seconds()))
+            again = Resubmission(_now(), int(cooldown.total_seconds()), justification)
             answer = await self._resubmit(existing, again)
             if answer.outcome == "cooldown":
                 raise CoolingDown(request_id, answer.retry_after)
@@ -173,7 +177,7 @@ class KeyRequests:
         await start_key_request(
             self.client,
             self.settings.temporal_task_queue,
-            KeyRequest(request_id, email, model, requested_at),
+            KeyRequest(request_id, email, model, requested_at, justification),
             rpc_timeout=_SUBMIT_RPC,
         )
         status = RequestStatus(request_id, RequestState.PENDING, model, requested_at)
@@ -232,6 +236,48 @@ class KeyRequests:
             log.warning("status query of request %s failed (%s); answering from visibility",
                         request_id, getattr(exc, "message", None) or exc)  # fmt: skip
             return _visible_status(desc, await desc.memo())
+
+    async def settled(self, status: RequestStatus, within: float) -> RequestStatus:
+        """The request's status once the policy has spoken, or as it is after `within` s.
+
+        Spoken: a decision is recorded (the key may still be in the making), or the request
+        waits for a person (the deadline is set), or it is final. The policy usually answers
+        within a moment: waiting that long lets the submitter hear the outcome at once.
+        """
+        handle = self.client.get_workflow_handle(workflow_id(status.request_id))
+        deadline = asyncio.get_running_loop().time() + within
+        while (remaining := deadline - asyncio.get_running_loop().time()) > 0:
+            try:
+                current = await asyncio.wait_for(
+                    handle.query(QUERY_STATUS, result_type=RequestStatus), remaining
+                )
+            except (RPCError, TimeoutError):
+                return status  # no worker yet, or too slow: the caller still has an answer
+            status = current
+            if status.state.is_final or status.decided_at or status.deadline:
+                break
+            await asyncio.sleep(0.05)
+        return status
+
+    async def detailed(self, rows: list[RequestStatus]) -> list[RequestStatus]:
+        """Listing rows with what only the workflow knows (requester, reviewer, decided_at).
+
+        A row whose workflow no worker answers for (none polling its task queue) stays as
+        visibility has it, after a short wait: one such row must not hold up the page.
+        """
+        limit = asyncio.Semaphore(32)
+
+        async def one(row: RequestStatus) -> RequestStatus:
+            handle = self.client.get_workflow_handle(workflow_id(row.request_id))
+            async with limit:
+                try:
+                    return await handle.query(
+                        QUERY_STATUS, result_type=RequestStatus, rpc_timeout=_ROW_QUERY
+                    )
+                except RPCError:
+                    return row
+
+        return list(await asyncio.gather(*(one(row) for row in rows)))
 
     async def decide(self, request_id: str, decision: Decision) -> RequestStatus:
         desc = await self._describe(request_id)

@@ -24,6 +24,9 @@ from pathlib import Path
 import uvicorn
 
 from devstack.http import port_in_use
+from devstack.oidc import APPROVERS_GROUP, IDENTITIES, OIDCIssuer
+from devstack.oidc import CLIENT_ID as OIDC_CLIENT_ID
+from devstack.oidc import CLIENT_SECRET as OIDC_CLIENT_SECRET
 from settings import ConfigError, Settings, load_settings
 
 # The rest of the stack (Temporal's SDK, the Kubernetes client, the API, the worker) takes
@@ -56,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smtp-port", type=int, default=1025)
     parser.add_argument("--litellm-port", type=int, default=4000)
     parser.add_argument("--kube-port", type=int, default=6443)
+    parser.add_argument("--oidc-port", type=int, default=9400)
     return parser.parse_args(argv)  # fmt: skip
 
 
@@ -70,6 +74,7 @@ class Plan:
     kube: bool
     litellm: bool
     mail: bool
+    oidc: bool
 
     def ports(self) -> Iterator[tuple[str, str, int]]:
         """(component, flag, port) of every server the stack will start."""
@@ -83,6 +88,8 @@ class Plan:
             yield "the LiteLLM stand-in", "--litellm-port", a.litellm_port
         if self.mail:
             yield "the SMTP sink", "--smtp-port", a.smtp_port
+        if self.oidc:
+            yield "the sign-on issuer", "--oidc-port", a.oidc_port
 
 
 def plan(args: argparse.Namespace) -> Plan:
@@ -91,8 +98,9 @@ def plan(args: argparse.Namespace) -> Plan:
     # The local stack is local by definition, whatever the shell says.
     os.environ["ENVIRONMENT"] = "local"
     overrides: dict = {"temporal_address": f"127.0.0.1:{args.temporal_port}"}
-    kube, litellm, mail = (
-        not os.environ.get(v) for v in ("KUBECONFIG", "LITELLM_BASE_URL", "SMTP_HOST")
+    kube, litellm, mail, oidc = (
+        not os.environ.get(v)
+        for v in ("KUBECONFIG", "LITELLM_BASE_URL", "SMTP_HOST", "AUTH_OIDC_ISSUER")
     )
     if not kube:
         from activities.kubernetes import core_api
@@ -113,9 +121,15 @@ def plan(args: argparse.Namespace) -> Plan:
         )
     if mail:
         overrides.update(smtp_host="127.0.0.1", smtp_port=args.smtp_port, smtp_use_tls=False)
+    if oidc:
+        overrides.update(
+            auth_oidc_issuer=f"http://127.0.0.1:{args.oidc_port}",
+            auth_oidc_client_id=OIDC_CLIENT_ID,
+            auth_oidc_client_secret=OIDC_CLIENT_SECRET,
+        )
     if not os.environ.get("ADMIN_TOKEN"):
         overrides["admin_token"] = DEV_ADMIN_TOKEN
-    stack = Plan(args, state, load_settings(**overrides), kube, litellm, mail)
+    stack = Plan(args, state, load_settings(**overrides), kube, litellm, mail, oidc)
 
     problems, seen = [], {}
     for component, flag, port in stack.ports():
@@ -247,6 +261,14 @@ async def run(stack: Plan, stop: asyncio.Event) -> int:
         if stop.is_set():
             return await stop_early(cleanup)
 
+        if stack.oidc:
+            issuer = OIDCIssuer().start(args.oidc_port)
+            cleanup.callback(issuer.stop)
+            say("Sign-on", f"{issuer.url}  LOCAL ISSUER, anyone signs in as anyone")
+            say("", f"approvers: group {APPROVERS_GROUP}, {IDENTITIES[0][0]}")
+        else:
+            say("Sign-on", settings.auth_oidc_issuer)
+
         worker_stop = asyncio.Event()
         store = SecretStore(api, settings.namespace)
         worker = asyncio.create_task(run_worker(settings, client, store, worker_stop))
@@ -272,6 +294,8 @@ async def run(stack: Plan, stop: asyncio.Event) -> int:
                 raise StackError(f"the API could not serve on port {args.api_port}")
             await asyncio.sleep(0.05)
         say("API", f"http://127.0.0.1:{args.api_port}  (docs /docs)")
+        say("Request a key", f"http://127.0.0.1:{args.api_port}/request")
+        say("Approver inbox", f"http://127.0.0.1:{args.api_port}/inbox  (signs you in)")
 
         token = settings.admin_token.get_secret_value()
         if token == DEV_ADMIN_TOKEN:

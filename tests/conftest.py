@@ -20,6 +20,7 @@ import httpx
 import pytest
 from kubernetes import config as kube_config
 from kubernetes.client import CoreV1Api
+from pydantic import SecretStr
 from temporalio.client import Client
 
 from activities.kubernetes import SecretStore
@@ -28,6 +29,7 @@ from devstack.http import serve_in_thread
 from devstack.kube import KubeStandin
 from devstack.litellm import LiteLLMStandin
 from devstack.mail import MailSink
+from devstack.oidc import APPROVERS_GROUP, OIDCIssuer
 from devstack.temporal import TemporalDevServer, connect_when_ready
 from kube_apiserver import KubeAPIServer, missing_binaries
 from settings import ApprovalRule, Settings, load_settings
@@ -157,6 +159,52 @@ async def worker(settings, temporal_client, core_api) -> AsyncIterator[RunningWo
     running = await start_worker(settings, temporal_client, core_api)
     yield running
     await stop_worker(running)
+
+
+@pytest.fixture(scope="session")
+def issuer() -> Iterator[OIDCIssuer]:
+    """The local stack's OIDC issuer (devstack/oidc.py), serving its JWKS on loopback."""
+    started = OIDCIssuer().start()
+    yield started
+    started.stop()
+
+
+# Proxy headers are believed from this address only; clients connect from 127.0.0.1.
+TRUSTED_PROXY = "127.0.0.2"
+# Default approvers of the signed-on API: the issuer's approvers group and one named person.
+NAMED_APPROVER = "named.approver@example.com"
+
+
+@pytest.fixture(scope="session")
+def signon_settings(settings, issuer) -> Settings:
+    """The test settings with every sign-on on: OIDC, a trusted proxy, and ADMIN_TOKEN."""
+    return settings.model_copy(
+        update={
+            "auth_oidc_issuer": issuer.url,
+            "auth_oidc_client_id": issuer.client_id,
+            "auth_oidc_client_secret": SecretStr(issuer.client_secret),
+            "auth_trusted_proxies": (f"{TRUSTED_PROXY}/32",),
+            "approval_approvers": (APPROVERS_GROUP, NAMED_APPROVER),
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def signon_url(signon_settings, temporal_server, worker) -> Iterator[str]:
+    served = serve_in_thread(create_app(signon_settings), lifespan="on")
+    yield served.url
+    served.stop()
+
+
+@pytest.fixture(scope="session")
+async def signon_api(signon_url, responses) -> AsyncIterator[httpx.AsyncClient]:
+    async def keep(response: httpx.Response) -> None:
+        responses.append(await response.aread())
+
+    async with httpx.AsyncClient(
+        base_url=signon_url, timeout=30, event_hooks={"response": [keep]}
+    ) as client:
+        yield client
 
 
 @pytest.fixture(scope="session")

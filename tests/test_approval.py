@@ -36,14 +36,16 @@ async def test_admin_api_approval_mails_the_key_and_records_the_reviewer(
         headers=admin_headers,
     )
     assert response.status_code == 200, response.text
-    assert response.json()["reviewer"] == "alice"
+    # The body's name is never recorded: ADMIN_TOKEN decides under its configured name.
+    assert response.json()["reviewer"] == "admin-token"
 
     [message] = await mail_to(mail, email)
     text = plain(message)
-    assert "approved by alice" in text and "Team budget approved" in text
+    assert "approved by admin-token" in text and "Team budget approved" in text
+    assert "alice" not in text
     assert litellm.has_live_key(KEY.search(text).group(0))
     annotations = secret_of(kube, request_id)["metadata"]["annotations"]
-    assert annotations["llm-key-requestor/reviewer"] == "alice"
+    assert annotations["llm-key-requestor/reviewer"] == "admin-token"
     assert annotations["llm-key-requestor/decision-source"] == "api"
 
     # A second decision is refused and changes nothing.
@@ -70,9 +72,10 @@ async def test_admin_api_denial_mails_the_reason(api, admin_headers, mail, kube)
     assert "&lt;b&gt;instead&lt;/b&gt;" in html and "<b>instead" not in html
     secret = secret_of(kube, request_id)
     assert secret["metadata"]["labels"]["request-state"] == "denied"
-    assert secret["metadata"]["annotations"]["llm-key-requestor/reviewer"] == "bob"
+    assert secret["metadata"]["annotations"]["llm-key-requestor/reviewer"] == "admin-token"
     shown = (await api.get(f"/api/admin/requests/{request_id}", headers=admin_headers)).json()
-    assert shown["state"] == "denied" and shown["reviewer"] == "bob"
+    assert shown["state"] == "denied" and shown["reviewer"] == "admin-token"
+    assert shown["requester"] == email
 
 
 async def test_deny_requires_a_reason(api, admin_headers):
@@ -96,11 +99,12 @@ async def test_approval_with_the_temporal_cli_as_the_readme_shows(api, mail, kub
     done = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
+    # A signal carries no authentication: the name is recorded as declared, through Temporal.
     [message] = await mail_to(mail, email)
-    assert "approved by alice" in plain(message)
-    assert secret_of(kube, request_id)["metadata"]["annotations"]["llm-key-requestor/reviewer"] == (
-        "alice"
-    )
+    assert "approved by declared:alice" in plain(message)
+    annotations = secret_of(kube, request_id)["metadata"]["annotations"]
+    assert annotations["llm-key-requestor/reviewer"] == "declared:alice"
+    assert annotations["llm-key-requestor/decision-source"] == "signal"
 
     query = [
         binary("temporal"), "workflow", "query", "--address", temporal_server.address,
@@ -109,7 +113,7 @@ async def test_approval_with_the_temporal_cli_as_the_readme_shows(api, mail, kub
     shown = await asyncio.to_thread(subprocess.run, query, capture_output=True, text=True)
     assert shown.returncode == 0, shown.stderr
     status = json.loads(shown.stdout)["queryResult"][0]
-    assert status["state"] == "approved" and status["reviewer"] == "alice"
+    assert status["state"] == "approved" and status["reviewer"] == "declared:alice"
 
 
 async def test_signal_without_input_and_second_signal_ignored(api, mail, kube, temporal_client):
@@ -213,4 +217,4 @@ async def test_a_decision_delivered_with_the_start_is_kept(temporal_client, sett
     )
     assert (await settled(temporal_client, request_id)).state == "approved"
     [message] = await mail_to(mail, email)
-    assert "approved by dave" in plain(message)
+    assert "approved by declared:dave" in plain(message)

@@ -47,7 +47,8 @@ def read_until(process: subprocess.Popen, marker: str, within: float = 60) -> st
 
 
 def stack_ports() -> dict[str, int]:
-    return {name: free_port() for name in ("api", "temporal", "ui", "smtp", "litellm", "kube")}
+    ports = ("api", "temporal", "ui", "smtp", "litellm", "kube", "oidc")
+    return {name: free_port() for name in ports}
 
 
 def start_stack(state: Path, ports: dict[str, int], **env: str) -> subprocess.Popen:
@@ -125,8 +126,9 @@ def test_local_stack_serves_a_request_end_to_end_and_stops_cleanly(tmp_path):
         assert f"http://127.0.0.1:{ports['ui']}" in banner  # the Web UI
         assert "STAND-IN" in banner
         # Each component says so as it becomes ready, before the summary.
-        for label in ("Temporal", "Kubernetes", "LiteLLM", "SMTP", "Worker", "API"):
+        for label in ("Temporal", "Kubernetes", "LiteLLM", "SMTP", "Sign-on", "Worker", "API"):
             assert re.search(rf"^{label} +\S", banner, re.M), label
+        assert f"Sign-on         http://127.0.0.1:{ports['oidc']}" in banner
         shell = exports(banner)
         assert shell["KUBECONFIG"] == str(tmp_path / "kubeconfig")
         assert shell["TEMPORAL_ADDRESS"] == f"127.0.0.1:{ports['temporal']}"

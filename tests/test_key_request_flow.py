@@ -31,7 +31,8 @@ async def test_auto_approved_request_emails_a_key_bound_to_the_model(
 ):
     email = unique_email("approve.example.com")
     body = await submit(api, email, "gpt-4o-mini")
-    assert body["status"] == "pending"
+    # The API waits a moment for the policy: by then the key may already be minted.
+    assert body["status"] in ("pending", "approved")
     request_id = body["request_id"]
 
     [message] = await mail_to(mail, email)

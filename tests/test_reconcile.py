@@ -130,7 +130,7 @@ async def test_workflow_terminated_by_hand_is_resumed_once(
     )  # fmt: skip
     assert response.status_code == 200, response.text
     [message] = await mail_to(mail, email)
-    assert "approved by carol" in plain(message)
+    assert "approved by admin-token" in plain(message)
 
 
 async def secret_exists(api, request_id) -> bool:
@@ -161,7 +161,7 @@ async def test_kubectl_relabel_approves_through_the_workflow(
     key = KEY.search(plain(message)).group(0)
     assert litellm.has_live_key(key)
     annotations = secret_of(kube, request_id)["metadata"]["annotations"]
-    assert annotations["llm-key-requestor/reviewer"] == "kubectl"
+    assert annotations["llm-key-requestor/reviewer"] == "declared:kubectl"
     assert annotations["llm-key-requestor/decision-source"] == "signal"
     shown = await asyncio.to_thread(
         kubectl, kube, tmp_path, "get", "secret", name,

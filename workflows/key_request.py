@@ -16,6 +16,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 with workflow.unsafe.imports_passed_through():
     from activities.key_request import KeyRequestActivities
     from domain import (
+        DECLARED_PREFIX,
         PATCH_KEY_LIFECYCLE,
         QUERY_STATUS,
         SA_MODEL,
@@ -89,7 +90,12 @@ class KeyRequestWorkflow:
         # Built here, not in run(): a signal delivered with the start (signal-with-start, or
         # simply sent at once) is handled before run() begins.
         self._status = RequestStatus(
-            request.request_id, RequestState.PENDING, request.model, request.requested_at
+            request.request_id,
+            RequestState.PENDING,
+            request.model,
+            request.requested_at,
+            email=request.email,
+            justification=request.justification,
         )
         self._decision: Decision | None = None
         self._expired = False
@@ -251,6 +257,7 @@ class KeyRequestWorkflow:
                             request.email,
                             request.model,
                             status.requested_at,
+                            request.justification,
                             cycle=status.cycle,
                             life=KeyLife(
                                 status, self._life.old_key_alias, self._life.old_key_delete_at
@@ -314,7 +321,7 @@ class KeyRequestWorkflow:
         self._renewing = True
         renewal = KeyRequest(
             request.request_id, request.email, request.model, asked.requested_at,
-            cycle=status.cycle + 1, renewal=True,
+            request.justification, cycle=status.cycle + 1, renewal=True,
         )  # fmt: skip
         granted = self._decision
         self._decision, self._expired = None, False
@@ -416,7 +423,7 @@ class KeyRequestWorkflow:
         workflow.continue_as_new(
             KeyRequest(
                 request.request_id, request.email, request.model, again.requested_at,
-                cycle=self._status.cycle + 1,
+                again.justification, cycle=self._status.cycle + 1,
                 renewal=self._status.state is RequestState.KEY_EXPIRED,
             )
         )  # fmt: skip
@@ -515,17 +522,21 @@ class KeyRequestWorkflow:
 
     # Decisions from people: signals (CLI, reconciler relaying kubectl) and the admin API's update.
 
+    # Signals carry no authentication: whoever Temporal lets signal may send any name, so the
+    # name is recorded as declared, never as an identity.
+
     @workflow.signal(name=SIGNAL_APPROVE)
     def approve(self, review: Review | None = None) -> None:
-        self._on_review(True, review or Review(), "signal")
+        self._on_review(True, _declared(review or Review()), "signal")
 
     @workflow.signal(name=SIGNAL_DENY)
     def deny(self, review: Review | None = None) -> None:
-        self._on_review(False, review or Review(), "signal")
+        self._on_review(False, _declared(review or Review()), "signal")
 
     @workflow.update(name=UPDATE_DECIDE)
     def decide(self, decision: Decision) -> RequestStatus:
-        self._on_review(decision.approved, Review(decision.reviewer, decision.reason), "api")
+        review = Review(decision.reviewer, decision.reason)
+        self._on_review(decision.approved, review, decision.source or "api")
         return self._status
 
     @decide.validator
@@ -533,6 +544,12 @@ class KeyRequestWorkflow:
         if self._closed_to_decisions():
             raise ApplicationError(
                 f"request already {self._closed_to_decisions()}", type="AlreadyDecided"
+            )
+        # The API refuses this first; a second check here, where the requester is known for sure.
+        requester = self._status.email.strip().lower()
+        if requester and decision.reviewer.strip().lower() == requester:
+            raise ApplicationError(
+                "nobody may decide their own request", type="SelfApproval", non_retryable=True
             )
 
     @workflow.query(name=QUERY_STATUS)
@@ -564,6 +581,7 @@ class KeyRequestWorkflow:
         self._status.reviewer = decision.reviewer
         self._status.reason = decision.reason
         self._status.decision_source = decision.source
+        self._status.decision = "approved" if decision.approved else "denied"
 
     def _set_state(self, state: RequestState) -> None:
         self._status.state = state
@@ -579,6 +597,13 @@ class KeyRequestWorkflow:
     def _final(self, request: KeyRequest) -> FinalState:
         status = self._status
         return FinalState(request.request_id, status.state, status.reason, self._decision)
+
+
+def _declared(review: Review) -> Review:
+    name = review.reviewer.strip()
+    if name and not name.startswith(DECLARED_PREFIX):
+        name = DECLARED_PREFIX + name
+    return Review(name, review.reason)
 
 
 def _iso(moment) -> str:
