@@ -132,7 +132,8 @@ async def test_public_status_names_no_reviewer(api, admin_headers):
     assert public["decision_source"] == "api"
     assert "alice" not in str(public).lower()
     admin = (await api.get(f"/api/admin/requests/{request_id}", headers=admin_headers)).json()
-    assert admin["reviewer"] == "alice" and "Alice Smith" in admin["reason"]
+    # The reviewer is the authenticated caller (the admin token's name), never the body's.
+    assert admin["reviewer"] == "admin-token" and "Alice Smith" in admin["reason"]
 
     # The policy's reasons are the service's own words (config.yaml): those stay public.
     by_policy = (await submit(api, unique_email("deny.example.com")))["request_id"]
