@@ -251,8 +251,10 @@ class KeyRequests:
                 current = await asyncio.wait_for(
                     handle.query(QUERY_STATUS, result_type=RequestStatus), remaining
                 )
-            except (RPCError, TimeoutError):
-                return status  # no worker yet, or too slow: the caller still has an answer
+            except (RPCError, TimeoutError, WorkflowQueryFailedError, WorkflowQueryRejectedError):
+                # No worker yet, too slow, or a worker that cannot answer this run: the caller
+                # still has an answer.
+                return status
             status = current
             if status.state.is_final or status.decided_at or status.deadline:
                 break

@@ -226,9 +226,9 @@ async def test_temporal_gone_is_a_503_within_2_s_that_reveals_no_internals(setti
 async def test_decisions_with_no_worker_polling_get_a_prompt_503_or_429(
     settings, admin_headers, temporal_client
 ):
-    """Updates to a workflow that no worker serves: each answered within the bound, never
-    "409 already decided"; past Temporal's limit of in-flight updates (10 per workflow by
-    default, history.maxInFlightUpdates), 429."""
+    """Decisions on a workflow that no worker serves: each answered within the bound with a
+    503 that says to retry (or 429 past Temporal's limit of in-flight updates), never "409
+    already decided"."""
     idle = settings.model_copy(update={"temporal_task_queue": f"no-worker-{uuid.uuid4().hex[:8]}"})
     async with api_for(idle) as api:
         request_id = (await submit(api, unique_email("manual.example.com")))["request_id"]
@@ -252,11 +252,11 @@ async def test_decisions_with_no_worker_polling_get_a_prompt_503_or_429(
         took = time.monotonic() - began
         codes = sorted(a.status_code for a in answers)
         assert set(codes) <= {429, 503}, [(a.status_code, a.text) for a in answers]
-        assert 429 in codes and 503 in codes, codes
+        # With no worker the requester is unknown, so no decision can be checked against
+        # self-approval: each is refused at once, saying to retry (none reaches Temporal's
+        # limit of in-flight updates, which would answer 429).
+        assert all("retry" in a.json()["message"] for a in answers), answers[0].text
         assert took < 15, f"the decisions took {took:.1f} s"
-        unconfirmed = next(a for a in answers if a.status_code == 503).json()["message"]
-        assert "no worker" in unconfirmed and f"/api/admin/requests/{request_id}" in unconfirmed
-        assert next(a for a in answers if a.status_code == 429).headers["retry-after"]
     await temporal_client.get_workflow_handle(workflow_id(request_id)).terminate("test done")
 
 
