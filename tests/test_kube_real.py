@@ -27,10 +27,9 @@ from kubernetes.client.exceptions import ApiException
 
 from activities.kubernetes import SecretStore
 from api.main import create_app
-from conftest import mail_to, start_worker, stop_worker, unique_email, wait_until
+from conftest import mail_to, settled, start_worker, stop_worker, unique_email, wait_until
 from devstack.http import serve_in_thread
 from devstack.temporal import binary
-from domain import workflow_id
 from kube_apiserver import KubeAPIServer
 from test_key_request_flow import KEY, plain, submit
 from test_reconcile import reconcile
@@ -250,7 +249,7 @@ async def test_an_approved_request_end_to_end(real_api, cluster, mail, litellm, 
     [message] = await mail_to(mail, email)
     key = KEY.search(plain(message)).group(0)
     assert litellm.has_live_key(key)
-    await temporal_client.get_workflow_handle(workflow_id(request_id)).result()
+    await settled(temporal_client, request_id)  # the key lives on: its timers are next
 
     stored = secret(cluster, request_id)
     assert stored.metadata.labels["request-state"] == "approved"
@@ -278,7 +277,7 @@ async def test_a_kubectl_relabel_approves_through_the_reconciler(
     assert KEY.search(plain(message))
     annotations = secret(cluster, request_id).metadata.annotations
     assert annotations["state"] == "approved"
-    assert annotations["llm-key-requestor/reviewer"] == "kubectl"
+    assert annotations["llm-key-requestor/reviewer"] == "declared:kubectl"
 
 
 async def test_the_reconciler_pages_through_hundreds_of_secrets(
