@@ -70,7 +70,7 @@ async def test_the_older_services_approved_secrets_are_served_or_adopted_at_the_
     assert litellm.has_live_key(key)
     secret = secret_of(kube, waiting)
     assert secret["metadata"]["labels"]["llm-key-requestor/recorded-state"] == "approved"
-    assert secret["metadata"]["annotations"]["llm-key-requestor/reviewer"] == "kubectl"
+    assert secret["metadata"]["annotations"]["llm-key-requestor/reviewer"] == "declared:kubectl"
 
     adopted = secret_of(kube, served)
     assert adopted["metadata"]["labels"]["llm-key-requestor/recorded-state"] == "approved"
