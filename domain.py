@@ -63,6 +63,7 @@ UPDATE_RESUBMIT = "resubmit"
 # workflow.patched() ids: each marks a change of the commands a running workflow issues. Never
 # reuse or rename one; README, "Changing a workflow safely".
 PATCH_KEY_LIFECYCLE = "key-lifecycle"
+PATCH_SECRET_MISSING = "secret-missing"  # noqa: S105 - a patch id
 SA_STATE = SearchAttributeKey.for_keyword("KeyRequestState")
 SA_MODEL = SearchAttributeKey.for_keyword("KeyRequestModel")
 SEARCH_ATTRIBUTES = (SA_STATE, SA_MODEL)
@@ -142,6 +143,7 @@ class RecordedRequest:
     decision: Decision | None = None
     key_minted: bool = False
     notified: bool = False
+    key_alias: str = ""
 
 
 @dataclass

@@ -16,9 +16,10 @@ from datetime import UTC, datetime
 
 from kubernetes import client
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 import audit
-from activities.email import Mailer, Notice, compose
+from activities.email import Mailer, Notice, compose, human_span
 from activities.kubernetes import SecretStore
 from activities.litellm import LiteLLMClient
 from domain import (
@@ -46,6 +47,18 @@ from domain import (
 from settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class SecretMissing(ApplicationError):
+    """The request's Secret is gone (deleted by hand, or lost). Retrying cannot bring it back:
+    the workflow records the request again and carries on."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"secret {name} is missing (deleted by hand?); the request is recorded again",
+            type="SecretMissing",
+            non_retryable=True,
+        )
 
 
 # How often a running activity tells Temporal its worker is alive; the workflow's
@@ -256,6 +269,7 @@ class KeyRequestActivities:
             state=state,
             decision=decision,
             key_minted=bool(annotations.get(KEY_ALIAS)),
+            key_alias=annotations.get(KEY_ALIAS, ""),
             notified=annotations.get(NOTIFIED) == state.value,
         )
 
@@ -290,7 +304,7 @@ class KeyRequestActivities:
 
         secret = await self.store.update(name, reserve)
         if secret is None:
-            raise RuntimeError(f"secret {name} is missing; it is recreated on the next attempt")
+            raise SecretMissing(name)
         annotations = secret.metadata.annotations
         if annotations.get(KEY_ALIAS) and recorded_state(secret) is RequestState.APPROVED:
             return MintedKey(annotations[KEY_ALIAS], annotations.get(KEY_EXPIRES) or None)
@@ -319,7 +333,11 @@ class KeyRequestActivities:
             secret.metadata.annotations.update({KEY_ALIAS: alias, KEY_EXPIRES: expires})
             return True
 
-        await self.store.update(name, mark_approved)
+        if await self.store.update(name, mark_approved) is None:
+            # The Secret (and the only copy of the key) went while we minted: a key nobody can
+            # be given must not stay live.
+            await self.litellm.delete_keys([alias])
+            raise SecretMissing(name)
         activity.logger.info("minted key %s for request %s", alias, request.request_id)
         audit.record(audit.KEY_MINTED, request_id=request.request_id, actor=decision.reviewer,
                      source=decision.source, key_alias=alias, cycle=cycle_of(secret))  # fmt: skip
@@ -343,7 +361,7 @@ class KeyRequestActivities:
             return True
 
         if await self.store.update(secret_name(final.request_id), close) is None:
-            raise RuntimeError(f"secret {secret_name(final.request_id)} is missing")
+            raise SecretMissing(secret_name(final.request_id))
 
     @activity.defn
     @heartbeating
@@ -352,7 +370,7 @@ class KeyRequestActivities:
         name = secret_name(request_id)
         secret = await self.store.get(name)
         if secret is None:
-            raise RuntimeError(f"secret {name} is missing; cannot tell the requester")
+            raise SecretMissing(name)
         annotations = secret.metadata.annotations or {}
         state = recorded_state(secret)
         if annotations.get(NOTIFIED) == state.value:
@@ -368,6 +386,8 @@ class KeyRequestActivities:
             key_expires=annotations.get(KEY_EXPIRES, ""),
             proxy_url=self.settings.litellm_public_url or self.settings.litellm_base_url,
             cycle=cycle_of(secret),
+            budget=budget_text(self.settings),
+            resubmit_after=human_span(self.settings.approval_resubmit_after.total_seconds()),
         )
         await self.mailer.send(compose(notice, self.settings.smtp_from))
 
@@ -378,13 +398,6 @@ class KeyRequestActivities:
         await self.store.update(name, mark_notified)
 
     # A key's life after the first email.
-
-    async def _secret(self, request_id: str) -> client.V1Secret:
-        name = secret_name(request_id)
-        secret = await self.store.get(name)
-        if secret is None:
-            raise RuntimeError(f"secret {name} is missing; the key's life cannot go on without it")
-        return secret
 
     @activity.defn
     @heartbeating
@@ -408,7 +421,11 @@ class KeyRequestActivities:
     @heartbeating
     async def tell_holder(self, notice: HolderNotice) -> None:
         """One lifecycle email (reminder, renewed, rotated, revoked, key-expired...), once."""
-        secret = await self._secret(notice.request_id)
+        secret = await self.store.get(secret_name(notice.request_id))
+        if secret is None:  # the address was only there: nobody to tell
+            log.warning("secret %s is missing; %s email not sent",
+                        secret_name(notice.request_id), notice.kind)  # fmt: skip
+            return
         annotations = secret.metadata.annotations or {}
         sent = f"{notice.cycle}.{notice.kind}.{notice.detail}"[:200]
         if annotations.get(LAST_NOTICE) == sent:
@@ -429,6 +446,7 @@ class KeyRequestActivities:
                     kind=notice.kind,
                     cycle=notice.cycle,
                     detail=notice.detail,
+                    budget=budget_text(self.settings),
                 ),
                 self.settings.smtp_from,
             )
@@ -470,7 +488,9 @@ class KeyRequestActivities:
     async def extend_key(self, request: KeyRequest, decision: Decision) -> MintedKey | None:
         """Renewal in place: the same key gets a new duration from now. None if LiteLLM no
         longer has the key (it is then replaced by a new one)."""
-        secret = await self._secret(request.request_id)
+        secret = await self.store.get(secret_name(request.request_id))
+        if secret is None:  # the key's only copy is gone: replaced in a new cycle
+            return None
         annotations = secret.metadata.annotations or {}
         if annotations.get(RENEWED_CYCLE) == str(request.cycle):  # an earlier attempt did it
             return MintedKey(annotations.get(KEY_ALIAS, ""), annotations.get(KEY_EXPIRES) or None)
@@ -586,6 +606,16 @@ class KeyRequestActivities:
         if await self.store.delete(secret.metadata.name, secret.metadata.resource_version):
             audit.record(audit.SECRET_DELETED, request_id=request_id, source="timer",
                          state=recorded_state(secret).value)  # fmt: skip
+
+
+def budget_text(settings: Settings) -> str:
+    """The key's budget as the email states it: 'USD 50.00, reset every 30 days'."""
+    if settings.litellm_max_budget is None:
+        return "no spending limit"
+    text = f"USD {settings.litellm_max_budget:.2f}"
+    if settings.litellm_budget_duration is not None:
+        text += f", reset every {human_span(settings.litellm_budget_duration.total_seconds())}"
+    return text
 
 
 def _until(expires: str) -> int | None:

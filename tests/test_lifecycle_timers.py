@@ -18,6 +18,7 @@ from datetime import timedelta
 from temporalio.client import WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
+from activities.email import readable_time
 from activities.kubernetes import SecretStore
 from conftest import NAMESPACE, unique_email, wait_until
 from devstack.temporal import binary
@@ -134,7 +135,7 @@ async def test_a_30_day_key_is_reminded_renewed_in_place_expires_and_is_cleaned_
 
         status = await status_when(handle, lambda s: s.cycle == 2, "the second cycle")
         assert status.key_expires != first.key_expires
-        assert status.key_expires in plain(renewed)
+        assert readable_time(status.key_expires) in plain(renewed)
         assert litellm.has_live_key(key)
         assert renewed["Message-ID"] != approved["Message-ID"]
 

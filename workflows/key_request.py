@@ -17,6 +17,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.key_request import KeyRequestActivities
     from domain import (
         PATCH_KEY_LIFECYCLE,
+        PATCH_SECRET_MISSING,
         QUERY_STATUS,
         SA_MODEL,
         SA_STATE,
@@ -57,6 +58,8 @@ with workflow.unsafe.imports_passed_through():
 # dead worker within seconds and the retry runs on another one. Every activity is idempotent, so
 # a retry beside a live-but-slow attempt is harmless.
 HEARTBEAT = timedelta(seconds=10)
+# A request whose Secret vanishes (deleted by hand) is recorded again; this many times at most.
+SECRET_LOSSES = 3
 # Kubernetes calls and the policy: quick, and retried until they answer.
 SHORT_CALLS = dict(
     start_to_close_timeout=timedelta(seconds=30),
@@ -122,11 +125,12 @@ class KeyRequestWorkflow:
             # Resumed after the key was minted: only the email may still be owed.
             self._decide(recorded.decision or Decision(approved=True, source="record"))
             self._set_state(RequestState.APPROVED)
-            await self._notify(request)
-            if workflow.patched(PATCH_KEY_LIFECYCLE):
-                return await self._live(request)
-            return self._final(request)
-        if recorded.decision is not None:
+            if await self._delivered(request, recorded.key_alias):
+                if workflow.patched(PATCH_KEY_LIFECYCLE):
+                    return await self._live(request)
+                return self._final(request)
+            # The Secret vanished with the key: a new key, for the decision already made.
+        elif recorded.decision is not None:
             self._decide(recorded.decision)
 
         decision = await self._decision_for(request)
@@ -137,25 +141,63 @@ class KeyRequestWorkflow:
         if not decision.approved:
             return await self._close(request, RequestState.DENIED, decision.reason)
 
+        for _ in range(SECRET_LOSSES):
+            try:
+                minted = await workflow.execute_activity_method(
+                    KeyRequestActivities.mint_key, args=[request, decision], **MINTING
+                )
+            except ActivityError as err:
+                if self._secret_lost(err):
+                    await self._record_again(request)
+                    continue
+                cause = err.cause.message if isinstance(err.cause, ApplicationError) else str(err)
+                return await self._close(request, RequestState.FAILED, cause)
+            self._status.key_expires = minted.expires
+            self._set_state(RequestState.APPROVED)
+            if await self._delivered(request, minted.key_alias):
+                if workflow.patched(PATCH_KEY_LIFECYCLE):
+                    return await self._live(request)
+                return self._final(request)
+        reason = "The request's Kubernetes Secret kept disappearing; no key could be delivered."
+        return await self._close(request, RequestState.FAILED, reason)
+
+    async def _delivered(self, request: KeyRequest, alias: str) -> bool:
+        """Email the key. False if the Secret (the key's only copy) vanished first: the key is
+        then deleted in LiteLLM, never orphaned, and the request recorded again."""
         try:
-            minted = await workflow.execute_activity_method(
-                KeyRequestActivities.mint_key, args=[request, decision], **MINTING
-            )
+            await self._notify(request)
+            return True
         except ActivityError as err:
-            cause = err.cause.message if isinstance(err.cause, ApplicationError) else str(err)
-            return await self._close(request, RequestState.FAILED, cause)
-        self._status.key_expires = minted.expires
-        self._set_state(RequestState.APPROVED)
-        await self._notify(request)
-        if workflow.patched(PATCH_KEY_LIFECYCLE):
-            return await self._live(request)
-        return self._final(request)
+            if not self._secret_lost(err):
+                raise
+        if alias:
+            await workflow.execute_activity_method(
+                KeyRequestActivities.delete_old_key, args=[request.request_id, alias], **SHORT_CALLS
+            )
+        await self._record_again(request)
+        return False
+
+    def _secret_lost(self, err: ActivityError) -> bool:
+        cause = err.cause
+        return (
+            isinstance(cause, ApplicationError)
+            and cause.type == "SecretMissing"
+            and workflow.patched(PATCH_SECRET_MISSING)
+        )
+
+    async def _record_again(self, request: KeyRequest) -> None:
+        workflow.logger.warning(
+            "request %s lost its Secret; recording it again", request.request_id
+        )
+        await workflow.execute_activity_method(
+            KeyRequestActivities.record_request, request, **SHORT_CALLS
+        )
 
     async def _decision_for(
-        self, request: KeyRequest, until: datetime | None = None
+        self, request: KeyRequest, until: datetime | None = None, revocable: bool = False
     ) -> Decision | None:
         """The policy's decision, or a human's before the deadline (or `until`, if sooner);
-        None if none came."""
+        None if none came, or if `revocable` and a revocation came first."""
         if self._decision is not None:
             return self._decision
         outcome = await workflow.execute_activity_method(
@@ -176,7 +218,10 @@ class KeyRequestWorkflow:
             if until is not None:
                 deadline = max(min(deadline, until - workflow.now()), timedelta(seconds=1))
             try:
-                await workflow.wait_condition(lambda: self._decision is not None, timeout=deadline)
+                await workflow.wait_condition(
+                    lambda: self._decision is not None or (revocable and self._revocation),
+                    timeout=deadline,
+                )
             except TimeoutError:
                 self._expired = True  # from here on, a late decision is refused
                 return None
@@ -184,13 +229,20 @@ class KeyRequestWorkflow:
 
     async def _close(self, request: KeyRequest, state: RequestState, reason: str) -> FinalState:
         self._status.reason = reason
-        await workflow.execute_activity_method(
-            KeyRequestActivities.close_request,
-            FinalState(request.request_id, state, reason, self._decision),
-            **SHORT_CALLS,
-        )
-        self._set_state(state)
-        await self._notify(request)
+        for _ in range(SECRET_LOSSES):
+            try:
+                await workflow.execute_activity_method(
+                    KeyRequestActivities.close_request,
+                    FinalState(request.request_id, state, reason, self._decision),
+                    **SHORT_CALLS,
+                )
+                self._set_state(state)
+                await self._notify(request)
+                break
+            except ActivityError as err:
+                if not self._secret_lost(err):
+                    raise
+                await self._record_again(request)
         if workflow.patched(PATCH_KEY_LIFECYCLE):
             return await self._retain(request)
         return self._final(request)
@@ -319,8 +371,11 @@ class KeyRequestWorkflow:
         granted = self._decision
         self._decision, self._expired = None, False
         expires = _parse(status.key_expires)
-        decision = await self._decision_for(renewal, until=expires)
+        decision = await self._decision_for(renewal, until=expires, revocable=True)
         self._renewal, self._renewing = None, False
+        if self._revocation is not None:  # revoked while the renewal waited: that wins
+            self._decision, self._expired, self._status.deadline = granted, False, ""
+            return "kept"
         if decision is None and expires is not None and workflow.now() >= expires:
             # The key expired while a person was still to decide: the renewal goes on as a
             # new cycle (the key is replaced once approved).
