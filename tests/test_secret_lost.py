@@ -6,8 +6,9 @@ from __future__ import annotations
 import base64
 
 from conftest import NAMESPACE, mail_to, secret_of, settled, unique_email, wait_until
-from domain import secret_name
+from domain import secret_name, workflow_id
 from test_key_request_flow import KEY, plain, submit
+from test_replay import record_history
 
 
 def live_keys(litellm, request_id: str) -> list[dict]:
@@ -44,6 +45,8 @@ async def test_secret_deleted_while_pending_is_recorded_again_when_approved(
     assert base64.b64decode(secret["data"]["api-key"]).decode() == key
     assert [k["key"] for k in live_keys(litellm, request_id)] == [key]
     assert (await settled(temporal_client, request_id)).state == "approved"
+    handle = temporal_client.get_workflow_handle(workflow_id(request_id))
+    record_history("v2-secret-lost-while-pending", await handle.fetch_history())
 
 
 async def test_secret_lost_right_after_minting_the_key_is_deleted_and_a_new_one_delivered(
@@ -71,3 +74,5 @@ async def test_secret_lost_right_after_minting_the_key_is_deleted_and_a_new_one_
     secret = secret_of(kube, request_id)
     assert base64.b64decode(secret["data"]["api-key"]).decode() == key
     assert (await settled(temporal_client, request_id)).state == "approved"
+    handle = temporal_client.get_workflow_handle(workflow_id(request_id))
+    record_history("v2-secret-lost-after-mint", await handle.fetch_history())
