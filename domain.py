@@ -64,6 +64,7 @@ UPDATE_RESUBMIT = "resubmit"
 # reuse or rename one; README, "Changing a workflow safely".
 PATCH_KEY_LIFECYCLE = "key-lifecycle"
 PATCH_SECRET_MISSING = "secret-missing"  # noqa: S105 - a patch id
+PATCH_MAIL_REJECTED = "mail-rejected"
 SA_STATE = SearchAttributeKey.for_keyword("KeyRequestState")
 SA_MODEL = SearchAttributeKey.for_keyword("KeyRequestModel")
 SEARCH_ATTRIBUTES = (SA_STATE, SA_MODEL)
@@ -194,6 +195,8 @@ class RequestStatus:
     rotated_at: str = ""
     # When a finished request's Secret is deleted (lifecycle.retention after it finished).
     cleanup_at: str = ""
+    # The mail server refused an email for good (5xx): which one, and its answer.
+    notification_failed: str = ""
 
 
 @dataclass

@@ -10,12 +10,21 @@ from email.message import EmailMessage
 from email.utils import formatdate
 
 import aiosmtplib
+from temporalio.exceptions import ApplicationError
 
 from domain import RequestState
 
 
 class MailUnavailable(Exception):
     """The mail server did not accept the message; worth retrying."""
+
+
+class MailRejected(ApplicationError):
+    """The mail server refused the recipient or the message for good (a 5xx answer): a retry
+    cannot change it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, type="MailRejected", non_retryable=True)
 
 
 @dataclass
@@ -228,6 +237,17 @@ class Mailer:
                 tls_context=self._tls_context,
                 timeout=self._timeout,
             )
+        except (aiosmtplib.SMTPRecipientsRefused, aiosmtplib.SMTPRecipientRefused,
+                aiosmtplib.SMTPDataError) as exc:  # fmt: skip
+            # A refused recipient or message is final when the server says 5xx; 4xx is "later".
+            # (A refused login or sender is our configuration: retried until it is fixed.)
+            refusals = getattr(exc, "recipients", None) or [exc]
+            if all(500 <= getattr(r, "code", 0) < 600 for r in refusals):
+                reply = "; ".join(f"{r.code} {r.message}" for r in refusals)
+                raise MailRejected(f"the mail server refused the message: {reply}"[:300]) from None
+            raise MailUnavailable(
+                f"SMTP {self.host}:{self.port}: {type(exc).__name__}: {exc}"
+            ) from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             # aiosmtplib's messages carry the server's reply, never the message body.
             raise MailUnavailable(

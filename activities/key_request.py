@@ -19,7 +19,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 import audit
-from activities.email import Mailer, Notice, compose, human_span
+from activities.email import Mailer, MailRejected, Notice, compose, human_span
 from activities.kubernetes import SecretStore
 from activities.litellm import LiteLLMClient
 from domain import (
@@ -108,8 +108,9 @@ DECISION_ANNOTATIONS = (DECISION, DECISION_SOURCE, DECIDED_AT, REVIEWER, REASON)
 CYCLE, LAST_NOTICE = _a("cycle"), _a("last-notice")
 ROTATION, NEXT_KEY_ALIAS, OLD_KEY_ALIAS = _a("rotation"), _a("next-key-alias"), _a("old-key-alias")
 RENEWED_CYCLE, ENDED_BY, ENDED_AT = _a("renewed-cycle"), _a("ended-by"), _a("ended-at")
+NOTIFY_FAILED = _a("notification-failed")  # the mail server refused an email for good
 LIFE_ANNOTATIONS = (CYCLE, LAST_NOTICE, ROTATION, NEXT_KEY_ALIAS, OLD_KEY_ALIAS, RENEWED_CYCLE,
-                    ENDED_BY, ENDED_AT)  # fmt: skip
+                    ENDED_BY, ENDED_AT, NOTIFY_FAILED)  # fmt: skip
 # A rotation's new key, reserved here before LiteLLM sees it (the same pattern as minting).
 NEXT_KEY_DATA = "api-key-next"
 
@@ -389,13 +390,27 @@ class KeyRequestActivities:
             budget=budget_text(self.settings),
             resubmit_after=human_span(self.settings.approval_resubmit_after.total_seconds()),
         )
-        await self.mailer.send(compose(notice, self.settings.smtp_from))
+        await self._send(name, compose(notice, self.settings.smtp_from), state.value)
 
         def mark_notified(secret: client.V1Secret) -> bool:
             secret.metadata.annotations[NOTIFIED] = state.value
             return True
 
         await self.store.update(name, mark_notified)
+
+    async def _send(self, name: str, message, what: str) -> None:
+        """Send; a final refusal is written on the Secret before the workflow hears of it."""
+        try:
+            await self.mailer.send(message)
+        except MailRejected as exc:
+            refusal = f"{what}: {exc.message}"
+
+            def failed(secret: client.V1Secret) -> bool:
+                secret.metadata.annotations[NOTIFY_FAILED] = refusal
+                return True
+
+            await self.store.update(name, failed)
+            raise
 
     # A key's life after the first email.
 
@@ -430,7 +445,8 @@ class KeyRequestActivities:
         sent = f"{notice.cycle}.{notice.kind}.{notice.detail}"[:200]
         if annotations.get(LAST_NOTICE) == sent:
             return
-        await self.mailer.send(
+        await self._send(
+            secret_name(notice.request_id),
             compose(
                 Notice(
                     request_id=notice.request_id,
@@ -449,7 +465,8 @@ class KeyRequestActivities:
                     budget=budget_text(self.settings),
                 ),
                 self.settings.smtp_from,
-            )
+            ),
+            notice.kind,
         )  # fmt: skip
 
         def mark_sent(secret: client.V1Secret) -> bool:

@@ -116,6 +116,7 @@ def _out(status: RequestStatus) -> RequestStatusOut:
         revocation_reason=status.revocation_reason,
         rotated_at=status.rotated_at,
         cleanup_at=status.cleanup_at,
+        notification_failed=status.notification_failed,
     )
 
 

@@ -53,6 +53,9 @@ class RequestStatusOut(BaseModel):
     revocation_reason: str = ""
     rotated_at: str = ""
     cleanup_at: str = Field(default="", description="When the finished request's Secret goes")
+    notification_failed: str = Field(
+        default="", description="The mail server's final refusal of an email, if any"
+    )
 
 
 class RequestPage(BaseModel):

@@ -17,6 +17,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.key_request import KeyRequestActivities
     from domain import (
         PATCH_KEY_LIFECYCLE,
+        PATCH_MAIL_REJECTED,
         PATCH_SECRET_MISSING,
         QUERY_STATUS,
         SA_MODEL,
@@ -125,10 +126,13 @@ class KeyRequestWorkflow:
             # Resumed after the key was minted: only the email may still be owed.
             self._decide(recorded.decision or Decision(approved=True, source="record"))
             self._set_state(RequestState.APPROVED)
-            if await self._delivered(request, recorded.key_alias):
+            delivered = await self._delivered(request, recorded.key_alias)
+            if delivered == "sent":
                 if workflow.patched(PATCH_KEY_LIFECYCLE):
                     return await self._live(request)
                 return self._final(request)
+            if delivered == "rejected":
+                return await self._undeliverable(request)
             # The Secret vanished with the key: a new key, for the decision already made.
         elif recorded.decision is not None:
             self._decide(recorded.decision)
@@ -154,28 +158,42 @@ class KeyRequestWorkflow:
                 return await self._close(request, RequestState.FAILED, cause)
             self._status.key_expires = minted.expires
             self._set_state(RequestState.APPROVED)
-            if await self._delivered(request, minted.key_alias):
+            delivered = await self._delivered(request, minted.key_alias)
+            if delivered == "sent":
                 if workflow.patched(PATCH_KEY_LIFECYCLE):
                     return await self._live(request)
                 return self._final(request)
+            if delivered == "rejected":
+                return await self._undeliverable(request)
         reason = "The request's Kubernetes Secret kept disappearing; no key could be delivered."
         return await self._close(request, RequestState.FAILED, reason)
 
-    async def _delivered(self, request: KeyRequest, alias: str) -> bool:
-        """Email the key. False if the Secret (the key's only copy) vanished first: the key is
-        then deleted in LiteLLM, never orphaned, and the request recorded again."""
+    async def _delivered(self, request: KeyRequest, alias: str) -> str:
+        """Email the key: sent; rejected (the mail server refused it for good); or lost (the
+        Secret, the key's only copy, vanished first). Either way a key nobody will get is
+        deleted in LiteLLM, never orphaned; a lost request is recorded again."""
         try:
-            await self._notify(request)
-            return True
+            if await self._notify(request):
+                return "sent"
+            outcome = "rejected"
         except ActivityError as err:
             if not self._secret_lost(err):
                 raise
+            outcome = "lost"
         if alias:
             await workflow.execute_activity_method(
                 KeyRequestActivities.delete_old_key, args=[request.request_id, alias], **SHORT_CALLS
             )
-        await self._record_again(request)
-        return False
+        if outcome == "lost":
+            await self._record_again(request)
+        return outcome
+
+    async def _undeliverable(self, request: KeyRequest) -> FinalState:
+        reason = (
+            "The key could not be emailed and was deleted: "
+            f"{self._status.notification_failed}. Check the address and submit again."
+        )
+        return await self._close(request, RequestState.FAILED, reason)
 
     def _secret_lost(self, err: ActivityError) -> bool:
         cause = err.cause
@@ -247,10 +265,29 @@ class KeyRequestWorkflow:
             return await self._retain(request)
         return self._final(request)
 
-    async def _notify(self, request: KeyRequest) -> None:
-        await workflow.execute_activity_method(
-            KeyRequestActivities.notify_requester, request.request_id, **EMAIL
-        )
+    async def _notify(self, request: KeyRequest) -> bool:
+        """Email the requester; False if the mail server refused it for good."""
+        try:
+            await workflow.execute_activity_method(
+                KeyRequestActivities.notify_requester, request.request_id, **EMAIL
+            )
+        except ActivityError as err:
+            if not self._mail_rejected(err):
+                raise
+            return False
+        return True
+
+    def _mail_rejected(self, err: ActivityError) -> bool:
+        """A 5xx refusal (activities/email.py): recorded in the status, never retried."""
+        cause = err.cause
+        if not (
+            isinstance(cause, ApplicationError)
+            and cause.type == "MailRejected"
+            and workflow.patched(PATCH_MAIL_REJECTED)
+        ):
+            return False
+        self._status.notification_failed = cause.message
+        return True
 
     # A key's life after the first email (PRODUCT.md, "A key's life"). Everything below runs only
     # in workflows that passed workflow.patched(PATCH_KEY_LIFECYCLE): histories recorded before
@@ -477,11 +514,16 @@ class KeyRequestWorkflow:
         )  # fmt: skip
 
     async def _tell(self, request: KeyRequest, kind: str, detail: str = "") -> None:
-        await workflow.execute_activity_method(
-            KeyRequestActivities.tell_holder,
-            HolderNotice(request.request_id, kind, self._status.cycle, detail),
-            **EMAIL,
-        )
+        try:
+            await workflow.execute_activity_method(
+                KeyRequestActivities.tell_holder,
+                HolderNotice(request.request_id, kind, self._status.cycle, detail),
+                **EMAIL,
+            )
+        except ActivityError as err:
+            # Refused for good: recorded (status, Secret); the key's life goes on.
+            if not self._mail_rejected(err):
+                raise
 
     def _in_renewal_window(self) -> bool:
         expires = _parse(self._status.key_expires)
