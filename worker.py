@@ -37,7 +37,7 @@ from activities.reconcile import ReconcileActivities
 from connection import connect_temporal, ensure_search_attributes, tls_context
 from domain import RECONCILE_SCHEDULE_ID, ReconcilePage
 from settings import ConfigError, Settings, load_settings
-from workflows.key_request import KeyRequestWorkflow
+from workflows.key_request import EMAIL, MINTING, KeyRequestWorkflow
 from workflows.reconcile import ReconcileWorkflow
 
 log = logging.getLogger("worker")
@@ -74,6 +74,32 @@ def build_activities(
         requests.delete_request,
         reconcile.reconcile_page,
     ]
+
+
+def check_activity_timeouts(settings: Settings) -> None:
+    """Refuse settings under which every activity attempt would time out.
+
+    The activities' start-to-close timeouts (workflows/key_request.py) are part of the workflow
+    code, so they cannot follow the settings; one attempt must fit in them instead: an email is
+    one SMTP conversation, minting or renewing at most two LiteLLM calls.
+    """
+    problems = []
+    email = EMAIL["start_to_close_timeout"]
+    if settings.smtp_timeout >= email:
+        problems.append(
+            f"smtp.timeout (env SMTP_TIMEOUT): {int(settings.smtp_timeout.total_seconds())}s "
+            f"must be shorter than the email activity's {int(email.total_seconds())}s"
+        )
+    minting = MINTING["start_to_close_timeout"]
+    if 2 * settings.litellm_timeout >= minting:
+        problems.append(
+            "litellm.timeout (env LITELLM_TIMEOUT): "
+            f"{int(settings.litellm_timeout.total_seconds())}s must be under half the minting "
+            f"activity's {int(minting.total_seconds())}s "
+            "(an attempt makes up to two calls)"
+        )
+    if problems:
+        raise ConfigError("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
 
 
 async def ensure_reconcile_schedule(client: Client, settings: Settings) -> None:
@@ -151,6 +177,7 @@ async def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         settings = load_settings()
+        check_activity_timeouts(settings)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
