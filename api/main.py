@@ -182,6 +182,11 @@ async def request_key(
         message = "Request received. You will get an email when it is decided."
     elif outcome == "renewing":
         message = "Renewal requested. You will get an email when it is decided."
+    elif outcome == "adopted":
+        message = (
+            "A key for this email and model was issued earlier; it is now followed: you will be "
+            "reminded before it expires, and a new submission then renews it."
+        )
     elif status.state == RequestState.APPROVED:
         message = (
             "A request for this email and model is already approved; the key expires "
