@@ -232,3 +232,55 @@ async def test_an_undecided_renewal_outlives_the_key_and_goes_on_as_a_new_cycle(
         record_history("v2-renewal-outlived-key", runs[0])
         stop.set()
         await worker
+
+
+async def test_a_revocation_while_a_renewal_waits_for_a_person_wins_at_once(
+    settings, core_api, litellm, mail
+):
+    rules = tuple(
+        r.model_copy(update={"renewals": "manual"}) if r.name == "auto-approve" else r
+        for r in settings.approval_rules
+    )
+    month = settings.model_copy(
+        update={
+            "approval_rules": rules,
+            "approval_deadline": timedelta(days=7),
+            "litellm_key_duration": timedelta(days=30),
+            "lifecycle_remind_before": (timedelta(days=7),),
+            "temporal_task_queue": f"ts-{uuid.uuid4()}",
+        }
+    )
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=binary("temporal-test-server")
+    )
+    stop = asyncio.Event()
+    async with env:
+        worker = asyncio.create_task(
+            run_worker(month, env.client, SecretStore(core_api, month.namespace), stop)
+        )
+        email = unique_email("approve.example.com")
+        request_id = request_id_for(email, MODEL, "time-skipping-revoke")
+        handle = await env.client.start_workflow(
+            KeyRequestWorkflow.run,
+            KeyRequest(request_id, email, MODEL, "2026-01-01T00:00:00Z"),
+            id=workflow_id(request_id),
+            task_queue=month.temporal_task_queue,
+        )
+        [approved] = await mail_count(mail, email, 1, "the key")
+        key = KEY.search(plain(approved)).group(0)
+        await status_when(handle, lambda s: s.next_reminder, "the reminder timer")
+        await env.sleep(timedelta(days=24))
+        await mail_count(mail, email, 2, "the reminder")
+        answer = await handle.execute_update(
+            UPDATE_RESUBMIT, Resubmission("2026-01-25T00:00:00Z"), result_type=ResubmitAnswer
+        )
+        assert answer.outcome == "renewing"
+        await status_when(handle, lambda s: s.deadline, "the renewal to wait for a person")
+        await handle.signal("revoke", {"reviewer": "sec-team", "reason": "Leaked"})
+        revoked = (await mail_count(mail, email, 3, "the revocation"))[2]
+        assert "revoked" in revoked["Subject"] and "Leaked" in plain(revoked)
+        assert not litellm.has_live_key(key)
+        status = await status_when(handle, lambda s: s.state == "revoked", "the revoked state")
+        assert status.revoked_by == "sec-team" and not status.deadline
+        stop.set()
+        await worker
