@@ -66,6 +66,8 @@ UPDATE_RESUBMIT = "resubmit"
 # workflow.patched() ids: each marks a change of the commands a running workflow issues. Never
 # reuse or rename one; README, "Changing a workflow safely".
 PATCH_KEY_LIFECYCLE = "key-lifecycle"
+PATCH_SECRET_MISSING = "secret-missing"  # noqa: S105 - a patch id
+PATCH_MAIL_REJECTED = "mail-rejected"
 SA_STATE = SearchAttributeKey.for_keyword("KeyRequestState")
 SA_MODEL = SearchAttributeKey.for_keyword("KeyRequestModel")
 SEARCH_ATTRIBUTES = (SA_STATE, SA_MODEL)
@@ -153,6 +155,7 @@ class RecordedRequest:
     decision: Decision | None = None
     key_minted: bool = False
     notified: bool = False
+    key_alias: str = ""
 
 
 @dataclass
@@ -208,6 +211,8 @@ class RequestStatus:
     justification: str = ""
     # approved | denied once decided: the state lags while the key is minted or mail sent.
     decision: str = ""
+    # The mail server refused an email for good (5xx): which one, and its answer.
+    notification_failed: str = ""
 
 
 @dataclass

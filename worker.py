@@ -40,7 +40,7 @@ from connection import connect_temporal, ensure_search_attributes, tls_context
 from domain import RECONCILE_SCHEDULE_ID, ReconcilePage
 from settings import ConfigError, Settings, load_settings
 from worker_health import serve_health
-from workflows.key_request import KeyRequestWorkflow
+from workflows.key_request import EMAIL, MINTING, KeyRequestWorkflow
 from workflows.reconcile import ReconcileWorkflow
 
 log = logging.getLogger("worker")
@@ -115,6 +115,32 @@ def _align_schedule(schedule: Schedule, settings: Settings) -> list[str]:
         schedule.action = ours
         changes.append(f"action -> {ours.workflow} on task queue {ours.task_queue}")
     return changes
+
+
+def check_activity_timeouts(settings: Settings) -> None:
+    """Refuse settings under which every activity attempt would time out.
+
+    The activities' start-to-close timeouts (workflows/key_request.py) are part of the workflow
+    code, so they cannot follow the settings; one attempt must fit in them instead: an email is
+    one SMTP conversation, minting or renewing at most two LiteLLM calls.
+    """
+    problems = []
+    email = EMAIL["start_to_close_timeout"]
+    if settings.smtp_timeout >= email:
+        problems.append(
+            f"smtp.timeout (env SMTP_TIMEOUT): {int(settings.smtp_timeout.total_seconds())}s "
+            f"must be shorter than the email activity's {int(email.total_seconds())}s"
+        )
+    minting = MINTING["start_to_close_timeout"]
+    if 2 * settings.litellm_timeout >= minting:
+        problems.append(
+            "litellm.timeout (env LITELLM_TIMEOUT): "
+            f"{int(settings.litellm_timeout.total_seconds())}s must be under half the minting "
+            f"activity's {int(minting.total_seconds())}s "
+            "(an attempt makes up to two calls)"
+        )
+    if problems:
+        raise ConfigError("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
 
 
 async def ensure_reconcile_schedule(client: Client, settings: Settings) -> None:
@@ -196,6 +222,7 @@ async def main() -> int:
     try:
         settings = load_settings()
         settings.check_secrets("litellm_api_key")
+        check_activity_timeouts(settings)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2

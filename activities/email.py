@@ -5,10 +5,12 @@ from __future__ import annotations
 import html
 import ssl
 from dataclasses import dataclass
+from datetime import datetime
 from email.message import EmailMessage
 from email.utils import formatdate
 
 import aiosmtplib
+from temporalio.exceptions import ApplicationError
 
 from activities.transient import Transient
 from domain import RequestState
@@ -16,6 +18,14 @@ from domain import RequestState
 
 class MailUnavailable(Transient):
     """The mail server did not accept the message; worth retrying."""
+
+
+class MailRejected(ApplicationError):
+    """The mail server refused the recipient or the message for good (a 5xx answer): a retry
+    cannot change it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, type="MailRejected", non_retryable=True)
 
 
 @dataclass
@@ -36,6 +46,8 @@ class Notice:
     kind: str = ""
     cycle: int = 1
     detail: str = ""
+    budget: str = ""  # "USD 50.00, reset every 30 days", from the settings
+    resubmit_after: str = ""  # "24 hours": when a denied request may be sent again
 
     @property
     def carries_key(self) -> bool:
@@ -49,8 +61,29 @@ HOW_TO_RENEW = (
 )
 
 
+def readable_time(value: str) -> str:
+    """'2026-12-31T07:55:27.347492Z' -> '31 Dec 2026, 07:55 UTC'; '' -> ''."""
+    if not value:
+        return ""
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return value
+    return moment.strftime("%-d %b %Y, %H:%M UTC")
+
+
+def human_span(seconds: float) -> str:
+    """86400 -> '1 day', 2592000 -> '30 days', 5400 -> '90 minutes'."""
+    seconds = int(seconds)
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+        if seconds >= size and seconds % size == 0:
+            count = seconds // size
+            return f"{count} {unit}{'' if count == 1 else 's'}"
+    return f"{seconds} seconds"
+
+
 def _lifecycle_paragraphs(notice: Notice) -> tuple[str, list[str]]:
-    model, expires = notice.model, notice.key_expires or "never"
+    model, expires = notice.model, readable_time(notice.key_expires) or "never"
     if notice.kind == "reminder":
         return f"Your API key for {model} expires on {expires}", [
             f"Your API key for {model} expires on {expires} (in about {notice.detail}).",
@@ -97,30 +130,36 @@ def _paragraphs(notice: Notice) -> tuple[str, list[str]]:
     else:
         by = f" by {notice.reviewer}" if notice.reviewer else ""
     if notice.state is RequestState.APPROVED:
-        expiry = (
-            f"It expires {notice.key_expires}." if notice.key_expires else "It does not expire."
-        )
+        expires = readable_time(notice.key_expires)
+        expiry = f"It expires on {expires}." if expires else "It does not expire."
+        budget = [f"Budget: {notice.budget}."] if notice.budget else []
         note = [f"Note from the reviewer: {notice.reason}"] if notice.reason else []
         return f"Your API key for {model}", [
             f"Your request for an API key for {model} was approved{by}.",
             f"The key works for the model {model} only. {expiry}",
+            *budget,
             *note,
             "Keep it secret: anyone with the key can spend its budget.",
         ]
     if notice.state is RequestState.DENIED:
+        wait = f" after {notice.resubmit_after}" if notice.resubmit_after else ""
         return f"Your API key request for {model} was denied", [
             f"Your request for an API key for {model} was denied{by}.",
             f"Reason: {notice.reason or 'none given'}",
+            "What next: if you think this is a mistake, ask your manager or the platform team, "
+            "quoting the request id below. You may submit the request again" + wait + ".",
         ]
     if notice.state is RequestState.EXPIRED:
         return f"Your API key request for {model} expired", [
             f"Your request for an API key for {model} was not reviewed in time and has expired.",
             "You may submit it again.",
         ]
+    # The cause (LiteLLM's own error text) is for operators: it is in the Secret and the
+    # request's status, not in mail to the requester.
     return f"Your API key request for {model} could not be completed", [
         f"Your request for an API key for {model} was approved, but the key could not be issued.",
-        f"Cause: {notice.reason or 'unknown'}",
-        "Please contact the platform team and quote your request id.",
+        "Please contact the platform team and quote your request id below; they can see the "
+        "cause. You may also submit the request again later.",
     ]
 
 
@@ -140,6 +179,7 @@ def compose(notice: Notice, sender: str) -> EmailMessage:
     markup = [f"<p>{html.escape(p)}</p>" for p in paragraphs]
     if notice.carries_key:
         usage = (
+            f"export LITELLM_KEY='{notice.api_key}'\n"
             f"curl {notice.proxy_url}/v1/chat/completions \\\n"
             f'  -H "Authorization: Bearer $LITELLM_KEY" -H "Content-Type: application/json" \\\n'
             f'  -d \'{{"model": "{notice.model}", "messages": [{{"role": "user", '
@@ -198,6 +238,17 @@ class Mailer:
                 tls_context=self._tls_context,
                 timeout=self._timeout,
             )
+        except (aiosmtplib.SMTPRecipientsRefused, aiosmtplib.SMTPRecipientRefused,
+                aiosmtplib.SMTPDataError) as exc:  # fmt: skip
+            # A refused recipient or message is final when the server says 5xx; 4xx is "later".
+            # (A refused login or sender is our configuration: retried until it is fixed.)
+            refusals = getattr(exc, "recipients", None) or [exc]
+            if all(500 <= getattr(r, "code", 0) < 600 for r in refusals):
+                reply = "; ".join(f"{r.code} {r.message}" for r in refusals)
+                raise MailRejected(f"the mail server refused the message: {reply}"[:300]) from None
+            raise MailUnavailable(
+                f"SMTP {self.host}:{self.port}: {type(exc).__name__}: {exc}"
+            ) from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             # aiosmtplib's messages carry the server's reply, never the message body.
             raise MailUnavailable(

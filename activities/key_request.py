@@ -16,9 +16,10 @@ from datetime import UTC, datetime
 
 from kubernetes import client
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 import audit
-from activities.email import Mailer, Notice, compose
+from activities.email import Mailer, MailRejected, Notice, compose, human_span
 from activities.kubernetes import SecretStore
 from activities.litellm import LiteLLMClient
 from domain import (
@@ -46,6 +47,18 @@ from domain import (
 from settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class SecretMissing(ApplicationError):
+    """The request's Secret is gone (deleted by hand, or lost). Retrying cannot bring it back:
+    the workflow records the request again and carries on."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"secret {name} is missing (deleted by hand?); the request is recorded again",
+            type="SecretMissing",
+            non_retryable=True,
+        )
 
 
 # How often a running activity tells Temporal its worker is alive; the workflow's
@@ -96,8 +109,9 @@ DECISION_ANNOTATIONS = (DECISION, DECISION_SOURCE, DECIDED_AT, REVIEWER, REASON)
 CYCLE, LAST_NOTICE = _a("cycle"), _a("last-notice")
 ROTATION, NEXT_KEY_ALIAS, OLD_KEY_ALIAS = _a("rotation"), _a("next-key-alias"), _a("old-key-alias")
 RENEWED_CYCLE, ENDED_BY, ENDED_AT = _a("renewed-cycle"), _a("ended-by"), _a("ended-at")
+NOTIFY_FAILED = _a("notification-failed")  # the mail server refused an email for good
 LIFE_ANNOTATIONS = (CYCLE, LAST_NOTICE, ROTATION, NEXT_KEY_ALIAS, OLD_KEY_ALIAS, RENEWED_CYCLE,
-                    ENDED_BY, ENDED_AT)  # fmt: skip
+                    ENDED_BY, ENDED_AT, NOTIFY_FAILED)  # fmt: skip
 # A rotation's new key, reserved here before LiteLLM sees it (the same pattern as minting).
 NEXT_KEY_DATA = "api-key-next"
 
@@ -258,6 +272,7 @@ class KeyRequestActivities:
             state=state,
             decision=decision,
             key_minted=bool(annotations.get(KEY_ALIAS)),
+            key_alias=annotations.get(KEY_ALIAS, ""),
             notified=annotations.get(NOTIFIED) == state.value,
         )
 
@@ -292,9 +307,7 @@ class KeyRequestActivities:
 
         secret = await self.store.update(name, reserve)
         if secret is None:
-            # Deleted by hand while the request waited: record the request again, then go on.
-            await self.store.create(new_secret(request))
-            raise RuntimeError(f"secret {name} was missing and is recreated; retrying")
+            raise SecretMissing(name)
         annotations = secret.metadata.annotations
         if annotations.get(KEY_ALIAS) and recorded_state(secret) is RequestState.APPROVED:
             return MintedKey(annotations[KEY_ALIAS], annotations.get(KEY_EXPIRES) or None)
@@ -323,7 +336,11 @@ class KeyRequestActivities:
             secret.metadata.annotations.update({KEY_ALIAS: alias, KEY_EXPIRES: expires})
             return True
 
-        await self.store.update(name, mark_approved)
+        if await self.store.update(name, mark_approved) is None:
+            # The Secret (and the only copy of the key) went while we minted: a key nobody can
+            # be given must not stay live.
+            await self.litellm.delete_keys([alias])
+            raise SecretMissing(name)
         activity.logger.info("minted key %s for request %s", alias, request.request_id)
         audit.record(audit.KEY_MINTED, request_id=request.request_id, actor=decision.reviewer,
                      source=decision.source, key_alias=alias, cycle=cycle_of(secret))  # fmt: skip
@@ -347,7 +364,7 @@ class KeyRequestActivities:
             return True
 
         if await self.store.update(secret_name(final.request_id), close) is None:
-            raise RuntimeError(f"secret {secret_name(final.request_id)} is missing")
+            raise SecretMissing(secret_name(final.request_id))
 
     @activity.defn
     @heartbeating
@@ -356,7 +373,7 @@ class KeyRequestActivities:
         name = secret_name(request_id)
         secret = await self.store.get(name)
         if secret is None:
-            raise RuntimeError(f"secret {name} is missing; cannot tell the requester")
+            raise SecretMissing(name)
         annotations = secret.metadata.annotations or {}
         state = recorded_state(secret)
         if annotations.get(NOTIFIED) == state.value:
@@ -372,8 +389,10 @@ class KeyRequestActivities:
             key_expires=annotations.get(KEY_EXPIRES, ""),
             proxy_url=self.settings.litellm_public_url or self.settings.litellm_base_url,
             cycle=cycle_of(secret),
+            budget=budget_text(self.settings),
+            resubmit_after=human_span(self.settings.approval_resubmit_after.total_seconds()),
         )
-        await self.mailer.send(compose(notice, self.settings.smtp_from))
+        await self._send(name, compose(notice, self.settings.smtp_from), state.value)
 
         def mark_notified(secret: client.V1Secret) -> bool:
             secret.metadata.annotations[NOTIFIED] = state.value
@@ -381,14 +400,21 @@ class KeyRequestActivities:
 
         await self.store.update(name, mark_notified)
 
-    # A key's life after the first email.
+    async def _send(self, name: str, message, what: str) -> None:
+        """Send; a final refusal is written on the Secret before the workflow hears of it."""
+        try:
+            await self.mailer.send(message)
+        except MailRejected as exc:
+            refusal = f"{what}: {exc.message}"
 
-    async def _secret(self, request_id: str) -> client.V1Secret:
-        name = secret_name(request_id)
-        secret = await self.store.get(name)
-        if secret is None:
-            raise RuntimeError(f"secret {name} is missing; the key's life cannot go on without it")
-        return secret
+            def failed(secret: client.V1Secret) -> bool:
+                secret.metadata.annotations[NOTIFY_FAILED] = refusal
+                return True
+
+            await self.store.update(name, failed)
+            raise
+
+    # A key's life after the first email.
 
     @activity.defn
     @heartbeating
@@ -412,12 +438,17 @@ class KeyRequestActivities:
     @heartbeating
     async def tell_holder(self, notice: HolderNotice) -> None:
         """One lifecycle email (reminder, renewed, rotated, revoked, key-expired...), once."""
-        secret = await self._secret(notice.request_id)
+        secret = await self.store.get(secret_name(notice.request_id))
+        if secret is None:  # the address was only there: nobody to tell
+            log.warning("secret %s is missing; %s email not sent",
+                        secret_name(notice.request_id), notice.kind)  # fmt: skip
+            return
         annotations = secret.metadata.annotations or {}
         sent = f"{notice.cycle}.{notice.kind}.{notice.detail}"[:200]
         if annotations.get(LAST_NOTICE) == sent:
             return
-        await self.mailer.send(
+        await self._send(
+            secret_name(notice.request_id),
             compose(
                 Notice(
                     request_id=notice.request_id,
@@ -433,9 +464,11 @@ class KeyRequestActivities:
                     kind=notice.kind,
                     cycle=notice.cycle,
                     detail=notice.detail,
+                    budget=budget_text(self.settings),
                 ),
                 self.settings.smtp_from,
-            )
+            ),
+            notice.kind,
         )  # fmt: skip
 
         def mark_sent(secret: client.V1Secret) -> bool:
@@ -474,7 +507,9 @@ class KeyRequestActivities:
     async def extend_key(self, request: KeyRequest, decision: Decision) -> MintedKey | None:
         """Renewal in place: the same key gets a new duration from now. None if LiteLLM no
         longer has the key (it is then replaced by a new one)."""
-        secret = await self._secret(request.request_id)
+        secret = await self.store.get(secret_name(request.request_id))
+        if secret is None:  # the key's only copy is gone: replaced in a new cycle
+            return None
         annotations = secret.metadata.annotations or {}
         if annotations.get(RENEWED_CYCLE) == str(request.cycle):  # an earlier attempt did it
             return MintedKey(annotations.get(KEY_ALIAS, ""), annotations.get(KEY_EXPIRES) or None)
@@ -590,6 +625,16 @@ class KeyRequestActivities:
         if await self.store.delete(secret.metadata.name, secret.metadata.resource_version):
             audit.record(audit.SECRET_DELETED, request_id=request_id, source="timer",
                          state=recorded_state(secret).value)  # fmt: skip
+
+
+def budget_text(settings: Settings) -> str:
+    """The key's budget as the email states it: 'USD 50.00, reset every 30 days'."""
+    if settings.litellm_max_budget is None:
+        return "no spending limit"
+    text = f"USD {settings.litellm_max_budget:.2f}"
+    if settings.litellm_budget_duration is not None:
+        text += f", reset every {human_span(settings.litellm_budget_duration.total_seconds())}"
+    return text
 
 
 def _until(expires: str) -> int | None:

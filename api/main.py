@@ -102,16 +102,23 @@ RequestsDep = Annotated[KeyRequests, Depends(get_requests)]
 def _out(status: RequestStatus, admin: bool = False) -> RequestStatusOut:
     """The status as shown. Without `admin` (anyone who knows the id) it names no person.
 
-    A reviewer's name is personal, and a reviewer's reason or a failure's cause may name people
-    or internals: the public view keeps only the reasons the service itself wrote (a denying
-    policy rule's text from config.yaml, the expiry notice). The requester and the
+    A reviewer's name is personal, and a reviewer's or revoker's reason, a failure's cause or a
+    mail server's refusal may name people or internals: the public view keeps only the reasons
+    the service itself wrote (a denying policy rule's text from config.yaml, the expiry notice). The requester and the
     justification are for approvers.
     """
     if not admin:
         own_words = status.state == RequestState.EXPIRED or (
             status.state == RequestState.DENIED and status.decision_source == "policy"
         )
-        status = replace(status, reviewer="", reason=status.reason if own_words else "")
+        status = replace(
+            status,
+            reviewer="",
+            reason=status.reason if own_words else "",
+            revoked_by="",
+            revocation_reason="",
+            notification_failed="",
+        )
     return RequestStatusOut(
         request_id=status.request_id,
         state=str(status.state),
@@ -135,6 +142,7 @@ def _out(status: RequestStatus, admin: bool = False) -> RequestStatusOut:
         cleanup_at=status.cleanup_at,
         requester=status.email if admin else "",
         justification=status.justification if admin else "",
+        notification_failed=status.notification_failed,
     )
 
 
@@ -200,6 +208,11 @@ async def request_key(
         message = _submitted_message(status)
     elif outcome == "renewing":
         message = "Renewal requested. You will get an email when it is decided."
+    elif outcome == "adopted":
+        message = (
+            "A key for this email and model was issued earlier; it is now followed: you will be "
+            "reminded before it expires, and a new submission then renews it."
+        )
     elif status.state == RequestState.APPROVED:
         message = (
             "A request for this email and model is already approved; the key expires "

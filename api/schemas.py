@@ -66,6 +66,9 @@ class RequestStatusOut(BaseModel):
     cleanup_at: str = Field(default="", description="When the finished request's Secret goes")
     requester: str = Field(default="", description="The requester's email (admin API only)")
     justification: str = Field(default="", description="The requester's reason (admin API only)")
+    notification_failed: str = Field(
+        default="", description="The mail server's final refusal of an email, if any"
+    )
 
 
 class RequestPage(BaseModel):

@@ -169,8 +169,6 @@ class KeyRequests:
             left = (closed + cooldown - datetime.now(UTC)).total_seconds()
             if state == RequestState.DENIED and left > 0:
                 raise CoolingDown(request_id, int(left) + 1)
-            # An approved request whose workflow ended before keys had a life (older code):
-            # a new run adopts the key from the Secret and follows it from now on.
         # Denied, expired, failed or never seen: a new request under the same id. Two
         # simultaneous submissions meet here, and the conflict policy makes them one workflow.
         requested_at = _now()
@@ -180,6 +178,10 @@ class KeyRequests:
             KeyRequest(request_id, email, model, requested_at, justification),
             rpc_timeout=_SUBMIT_RPC,
         )
+        if existing is not None and state == RequestState.APPROVED:
+            # Approved by older code, whose workflow ended with the email: the new run adopts
+            # the key from the Secret (no second key, no second email) and follows its life.
+            return _visible_status(existing), "adopted"
         status = RequestStatus(request_id, RequestState.PENDING, model, requested_at)
         return status, "started"
 

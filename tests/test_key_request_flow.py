@@ -39,6 +39,11 @@ async def test_auto_approved_request_emails_a_key_bound_to_the_model(
     text = plain(message)
     key = KEY.search(text).group(0)
     assert "gpt-4o-mini" in text and "expires" in text
+    # Written for a person: a readable date, the budget, an example that works as pasted.
+    assert re.search(r"expires on \d{1,2} [A-Z][a-z]{2} 20\d\d, \d\d:\d\d UTC", text)
+    assert not re.search(r"\d{4}-\d\d-\d\dT", text), "no ISO timestamps in the mail"
+    assert "Budget: USD 50.00, reset every 30 days." in text
+    assert f"export LITELLM_KEY='{key}'" in text
     assert key in html_part(message)
     assert message["Message-ID"] == f"<{request_id}.approved@llm-key-requestor>"
 
@@ -77,6 +82,7 @@ async def test_auto_denied_request_emails_the_reason_and_stores_no_key(api, mail
 
     [message] = await mail_to(mail, email)
     assert "Requests from deny.example.com are not allowed." in plain(message)
+    assert "What next" in plain(message) and "again after 1 day" in plain(message)
     assert not KEY.search(plain(message))
     secret = secret_of(kube, request_id)
     assert secret["metadata"]["labels"]["request-state"] == "denied"
@@ -155,7 +161,8 @@ async def test_litellm_permanent_refusal_ends_failed_with_the_cause(
 
     [message] = await mail_to(mail, email)
     assert "could not be issued" in plain(message)
-    assert "max_budget must be positive" in plain(message)
+    # LiteLLM's own error text is for operators (Secret, status), not mailed to the requester.
+    assert "max_budget" not in plain(message) and "quote your request id" in plain(message)
     secret = secret_of(kube, request_id)
     assert secret["metadata"]["labels"]["request-state"] == "failed"
     assert (

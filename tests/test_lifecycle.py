@@ -97,7 +97,8 @@ async def test_revoke_by_api_deletes_the_key_and_tells_the_holder_why_and_twice_
     assert secret["metadata"]["labels"]["request-state"] == "revoked"
     assert not secret.get("data"), "the plaintext leaves the Secret"
 
-    status = (await api.get(f"/api/requests/{request_id}")).json()
+    # Who revoked is for operators: read through the admin API.
+    status = (await api.get(f"/api/admin/requests/{request_id}", headers=ADMIN)).json()
     assert status["state"] == "revoked" and status["revoked_by"] == "admin-token"
     assert status["revocation_reason"] == "The key was pasted into a public repository."
     assert status["cleanup_at"]
@@ -341,3 +342,26 @@ async def test_status_shows_the_expiry_the_next_reminder_and_the_cycle(api, mail
     row = await wait_until(listed_row, 30, "the request in the admin list, with its key's life")
     assert row["key_expires"] == status["key_expires"] and row["cycle"] == 1
     assert row["next_reminder"] == status["next_reminder"]
+
+
+async def test_a_key_approved_by_older_code_is_adopted_on_the_next_submission(
+    api, mail, litellm, temporal_client
+):
+    email, request_id, key = await approved_key(api, mail, temporal_client)
+    # As the code before the key lifecycle left it: the workflow ended after the email.
+    await temporal_client.get_workflow_handle(workflow_id(request_id)).terminate("older code")
+    again = await submit(api, email)
+    assert again["status"] == "approved" and "issued earlier" in again["message"]
+
+    async def followed():
+        status = await settled(temporal_client, request_id)
+        return status if status.state == "approved" and status.next_reminder else None
+
+    status = await wait_until(followed, 30, "the new run to follow the key")
+    assert status.key_expires
+    assert litellm.has_live_key(key)
+    minted = [
+        k for k in litellm.keys() if k["key_alias"].startswith(f"llm-key-request-{request_id}")
+    ]
+    assert len(minted) == 1, "adopted, not minted again"
+    assert len([m for m in mail.messages if m["To"] == email]) == 1, "and not mailed again"

@@ -12,6 +12,7 @@ safely"):
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
@@ -30,10 +31,22 @@ HISTORIES = Path(__file__).parent / "histories"
 
 
 def record_history(name: str, history: WorkflowHistory) -> None:
-    """Keep `history` as a new recorded history when RECORD_HISTORIES=1; never overwrite."""
+    """Keep `history` as a new recorded history when RECORD_HISTORIES=1; never overwrite.
+
+    Failures' stack traces name the recording machine's paths; replay never reads them, so they
+    are left out.
+    """
     path = HISTORIES / f"{name}.json"
     if os.environ.get("RECORD_HISTORIES") and not path.exists():
-        path.write_text(history.to_json())
+        path.write_text(json.dumps(without_stack_traces(json.loads(history.to_json())), indent=2))
+
+
+def without_stack_traces(node):
+    if isinstance(node, dict):
+        return {k: "" if k == "stackTrace" else without_stack_traces(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [without_stack_traces(v) for v in node]
+    return node
 
 
 def recorded() -> list[Path]:

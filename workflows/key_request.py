@@ -18,6 +18,8 @@ with workflow.unsafe.imports_passed_through():
     from domain import (
         DECLARED_PREFIX,
         PATCH_KEY_LIFECYCLE,
+        PATCH_MAIL_REJECTED,
+        PATCH_SECRET_MISSING,
         QUERY_STATUS,
         SA_MODEL,
         SA_STATE,
@@ -58,6 +60,8 @@ with workflow.unsafe.imports_passed_through():
 # dead worker within seconds and the retry runs on another one. Every activity is idempotent, so
 # a retry beside a live-but-slow attempt is harmless.
 HEARTBEAT = timedelta(seconds=10)
+# A request whose Secret vanishes (deleted by hand) is recorded again; this many times at most.
+SECRET_LOSSES = 3
 # Kubernetes calls and the policy: quick, and retried until they answer.
 SHORT_CALLS = dict(
     start_to_close_timeout=timedelta(seconds=30),
@@ -128,11 +132,15 @@ class KeyRequestWorkflow:
             # Resumed after the key was minted: only the email may still be owed.
             self._decide(recorded.decision or Decision(approved=True, source="record"))
             self._set_state(RequestState.APPROVED)
-            await self._notify(request)
-            if workflow.patched(PATCH_KEY_LIFECYCLE):
-                return await self._live(request)
-            return self._final(request)
-        if recorded.decision is not None:
+            delivered = await self._delivered(request, recorded.key_alias)
+            if delivered == "sent":
+                if workflow.patched(PATCH_KEY_LIFECYCLE):
+                    return await self._live(request)
+                return self._final(request)
+            if delivered == "rejected":
+                return await self._undeliverable(request)
+            # The Secret vanished with the key: a new key, for the decision already made.
+        elif recorded.decision is not None:
             self._decide(recorded.decision)
 
         decision = await self._decision_for(request)
@@ -143,25 +151,77 @@ class KeyRequestWorkflow:
         if not decision.approved:
             return await self._close(request, RequestState.DENIED, decision.reason)
 
+        for _ in range(SECRET_LOSSES):
+            try:
+                minted = await workflow.execute_activity_method(
+                    KeyRequestActivities.mint_key, args=[request, decision], **MINTING
+                )
+            except ActivityError as err:
+                if self._secret_lost(err):
+                    await self._record_again(request)
+                    continue
+                cause = err.cause.message if isinstance(err.cause, ApplicationError) else str(err)
+                return await self._close(request, RequestState.FAILED, cause)
+            self._status.key_expires = minted.expires
+            self._set_state(RequestState.APPROVED)
+            delivered = await self._delivered(request, minted.key_alias)
+            if delivered == "sent":
+                if workflow.patched(PATCH_KEY_LIFECYCLE):
+                    return await self._live(request)
+                return self._final(request)
+            if delivered == "rejected":
+                return await self._undeliverable(request)
+        reason = "The request's Kubernetes Secret kept disappearing; no key could be delivered."
+        return await self._close(request, RequestState.FAILED, reason)
+
+    async def _delivered(self, request: KeyRequest, alias: str) -> str:
+        """Email the key: sent; rejected (the mail server refused it for good); or lost (the
+        Secret, the key's only copy, vanished first). Either way a key nobody will get is
+        deleted in LiteLLM, never orphaned; a lost request is recorded again."""
         try:
-            minted = await workflow.execute_activity_method(
-                KeyRequestActivities.mint_key, args=[request, decision], **MINTING
-            )
+            if await self._notify(request):
+                return "sent"
+            outcome = "rejected"
         except ActivityError as err:
-            cause = err.cause.message if isinstance(err.cause, ApplicationError) else str(err)
-            return await self._close(request, RequestState.FAILED, cause)
-        self._status.key_expires = minted.expires
-        self._set_state(RequestState.APPROVED)
-        await self._notify(request)
-        if workflow.patched(PATCH_KEY_LIFECYCLE):
-            return await self._live(request)
-        return self._final(request)
+            if not self._secret_lost(err):
+                raise
+            outcome = "lost"
+        if alias:
+            await workflow.execute_activity_method(
+                KeyRequestActivities.delete_old_key, args=[request.request_id, alias], **SHORT_CALLS
+            )
+        if outcome == "lost":
+            await self._record_again(request)
+        return outcome
+
+    async def _undeliverable(self, request: KeyRequest) -> FinalState:
+        reason = (
+            "The key could not be emailed and was deleted: "
+            f"{self._status.notification_failed}. Check the address and submit again."
+        )
+        return await self._close(request, RequestState.FAILED, reason)
+
+    def _secret_lost(self, err: ActivityError) -> bool:
+        cause = err.cause
+        return (
+            isinstance(cause, ApplicationError)
+            and cause.type == "SecretMissing"
+            and workflow.patched(PATCH_SECRET_MISSING)
+        )
+
+    async def _record_again(self, request: KeyRequest) -> None:
+        workflow.logger.warning(
+            "request %s lost its Secret; recording it again", request.request_id
+        )
+        await workflow.execute_activity_method(
+            KeyRequestActivities.record_request, request, **SHORT_CALLS
+        )
 
     async def _decision_for(
-        self, request: KeyRequest, until: datetime | None = None
+        self, request: KeyRequest, until: datetime | None = None, revocable: bool = False
     ) -> Decision | None:
         """The policy's decision, or a human's before the deadline (or `until`, if sooner);
-        None if none came."""
+        None if none came, or if `revocable` and a revocation came first."""
         if self._decision is not None:
             return self._decision
         outcome = await workflow.execute_activity_method(
@@ -182,7 +242,10 @@ class KeyRequestWorkflow:
             if until is not None:
                 deadline = max(min(deadline, until - workflow.now()), timedelta(seconds=1))
             try:
-                await workflow.wait_condition(lambda: self._decision is not None, timeout=deadline)
+                await workflow.wait_condition(
+                    lambda: self._decision is not None or (revocable and self._revocation),
+                    timeout=deadline,
+                )
             except TimeoutError:
                 self._expired = True  # from here on, a late decision is refused
                 return None
@@ -190,21 +253,47 @@ class KeyRequestWorkflow:
 
     async def _close(self, request: KeyRequest, state: RequestState, reason: str) -> FinalState:
         self._status.reason = reason
-        await workflow.execute_activity_method(
-            KeyRequestActivities.close_request,
-            FinalState(request.request_id, state, reason, self._decision),
-            **SHORT_CALLS,
-        )
-        self._set_state(state)
-        await self._notify(request)
+        for _ in range(SECRET_LOSSES):
+            try:
+                await workflow.execute_activity_method(
+                    KeyRequestActivities.close_request,
+                    FinalState(request.request_id, state, reason, self._decision),
+                    **SHORT_CALLS,
+                )
+                self._set_state(state)
+                await self._notify(request)
+                break
+            except ActivityError as err:
+                if not self._secret_lost(err):
+                    raise
+                await self._record_again(request)
         if workflow.patched(PATCH_KEY_LIFECYCLE):
             return await self._retain(request)
         return self._final(request)
 
-    async def _notify(self, request: KeyRequest) -> None:
-        await workflow.execute_activity_method(
-            KeyRequestActivities.notify_requester, request.request_id, **EMAIL
-        )
+    async def _notify(self, request: KeyRequest) -> bool:
+        """Email the requester; False if the mail server refused it for good."""
+        try:
+            await workflow.execute_activity_method(
+                KeyRequestActivities.notify_requester, request.request_id, **EMAIL
+            )
+        except ActivityError as err:
+            if not self._mail_rejected(err):
+                raise
+            return False
+        return True
+
+    def _mail_rejected(self, err: ActivityError) -> bool:
+        """A 5xx refusal (activities/email.py): recorded in the status, never retried."""
+        cause = err.cause
+        if not (
+            isinstance(cause, ApplicationError)
+            and cause.type == "MailRejected"
+            and workflow.patched(PATCH_MAIL_REJECTED)
+        ):
+            return False
+        self._status.notification_failed = cause.message
+        return True
 
     # A key's life after the first email (PRODUCT.md, "A key's life"). Everything below runs only
     # in workflows that passed workflow.patched(PATCH_KEY_LIFECYCLE): histories recorded before
@@ -326,8 +415,11 @@ class KeyRequestWorkflow:
         granted = self._decision
         self._decision, self._expired = None, False
         expires = _parse(status.key_expires)
-        decision = await self._decision_for(renewal, until=expires)
+        decision = await self._decision_for(renewal, until=expires, revocable=True)
         self._renewal, self._renewing = None, False
+        if self._revocation is not None:  # revoked while the renewal waited: that wins
+            self._decision, self._expired, self._status.deadline = granted, False, ""
+            return "kept"
         if decision is None and expires is not None and workflow.now() >= expires:
             # The key expired while a person was still to decide: the renewal goes on as a
             # new cycle (the key is replaced once approved).
@@ -429,11 +521,16 @@ class KeyRequestWorkflow:
         )  # fmt: skip
 
     async def _tell(self, request: KeyRequest, kind: str, detail: str = "") -> None:
-        await workflow.execute_activity_method(
-            KeyRequestActivities.tell_holder,
-            HolderNotice(request.request_id, kind, self._status.cycle, detail),
-            **EMAIL,
-        )
+        try:
+            await workflow.execute_activity_method(
+                KeyRequestActivities.tell_holder,
+                HolderNotice(request.request_id, kind, self._status.cycle, detail),
+                **EMAIL,
+            )
+        except ActivityError as err:
+            # Refused for good: recorded (status, Secret); the key's life goes on.
+            if not self._mail_rejected(err):
+                raise
 
     def _in_renewal_window(self) -> bool:
         expires = _parse(self._status.key_expires)
