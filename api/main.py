@@ -104,8 +104,8 @@ def _out(status: RequestStatus, admin: bool = False) -> RequestStatusOut:
 
     A reviewer's name is personal, and a reviewer's or revoker's reason, a failure's cause or a
     mail server's refusal may name people or internals: the public view keeps only the reasons
-    the service itself wrote (a denying policy rule's text from config.yaml, the expiry notice). The requester and the
-    justification are for approvers.
+    the service itself wrote (a denying policy rule's text from config.yaml, the expiry notice).
+    The requester and the justification are for approvers.
     """
     if not admin:
         own_words = status.state == RequestState.EXPIRED or (
