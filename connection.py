@@ -30,6 +30,7 @@ from domain import (
     workflow_id,
 )
 from settings import Settings
+from telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +60,19 @@ def _temporal_tls(settings: Settings) -> TLSConfig | bool:
     return settings.temporal_tls or bool(settings.temporal_api_key.get_secret_value())
 
 
-async def connect_temporal(settings: Settings, lazy: bool = False) -> Client:
+async def connect_temporal(
+    settings: Settings, lazy: bool = False, telemetry: Telemetry | None = None
+) -> Client:
+    """`telemetry` gives the client (and workers built on it) its metrics runtime and tracing."""
+    telemetry = telemetry or Telemetry()
     return await Client.connect(
         settings.temporal_address,
         namespace=settings.temporal_namespace,
         tls=_temporal_tls(settings),
         api_key=settings.temporal_api_key.get_secret_value() or None,
         lazy=lazy,
+        interceptors=telemetry.interceptors,
+        runtime=telemetry.runtime,
     )
 
 

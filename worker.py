@@ -37,6 +37,8 @@ from activities.reconcile import ReconcileActivities
 from connection import connect_temporal, ensure_search_attributes, tls_context
 from domain import RECONCILE_SCHEDULE_ID, ReconcilePage
 from settings import ConfigError, Settings, load_settings
+from telemetry import FailureMetrics, Telemetry, run_census
+from telemetry import start as start_telemetry
 from workflows.key_request import KeyRequestWorkflow
 from workflows.reconcile import ReconcileWorkflow
 
@@ -112,13 +114,25 @@ def litellm_http(settings: Settings) -> httpx.AsyncClient:
 
 
 async def run_worker(
-    settings: Settings, client: Client, store: SecretStore, stop: asyncio.Event
+    settings: Settings,
+    client: Client,
+    store: SecretStore,
+    stop: asyncio.Event,
+    telemetry: Telemetry | None = None,
 ) -> None:
-    """Serve the task queue until `stop` is set, then finish in-flight tasks and return."""
+    """Serve the task queue until `stop` is set, then finish in-flight tasks and return.
+
+    `telemetry` is what `client` was connected with (its runtime, its tracing).
+    """
+    telemetry = telemetry or Telemetry()
     await ensure_search_attributes(client)
     await ensure_reconcile_schedule(client, settings)
     async with AsyncExitStack() as stack:
         http = await stack.enter_async_context(litellm_http(settings))
+        telemetry.instrument_http(http)
+        if telemetry.runtime is not None:
+            census = run_census(store, telemetry.runtime.metric_meter, settings, stop)
+            stack.push_async_callback(_finish, asyncio.create_task(census))
         worker = Worker(
             client,
             task_queue=settings.temporal_task_queue,
@@ -127,6 +141,7 @@ async def run_worker(
             # On SIGTERM, running activities get this long to finish before they are cancelled
             # (and retried elsewhere); every one of ours is idempotent either way.
             graceful_shutdown_timeout=timedelta(seconds=30),
+            interceptors=[FailureMetrics()],
         )
         async with worker:
             log.info(
@@ -140,20 +155,24 @@ async def run_worker(
             log.info("stopping: finishing in-flight tasks")
 
 
+async def _finish(task: asyncio.Task) -> None:
+    await task
+
+
 async def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         settings = load_settings()
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    telemetry = start_telemetry(settings, "llm-key-requestor-worker")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    client = await connect_temporal(settings)
+    client = await connect_temporal(settings, telemetry=telemetry)
     store = SecretStore(core_api(), settings.namespace)
-    await run_worker(settings, client, store, stop)
+    await run_worker(settings, client, store, stop, telemetry)
     return 0
 
 

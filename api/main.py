@@ -37,6 +37,8 @@ from api.service import AlreadyDecided, BadPageToken, KeyRequests, UnknownReques
 from connection import connect_temporal
 from domain import Decision, RequestState, RequestStatus, is_request_id, workflow_id
 from settings import Settings, load_settings
+from telemetry import HttpMetrics, Telemetry, count_submission
+from telemetry import start as start_telemetry
 
 log = logging.getLogger("api")
 
@@ -140,7 +142,7 @@ async def models(settings: SettingsDep) -> ModelList:
 
 @public.post("/api/request-key", tags=["requests"], responses=ERRORS)
 async def request_key(
-    body: KeyRequestIn, settings: SettingsDep, requests: RequestsDep
+    body: KeyRequestIn, settings: SettingsDep, requests: RequestsDep, request: Request
 ) -> KeyRequestOut:
     """Start a key request. A repeat while one is pending or approved returns that one."""
     if body.llm not in settings.model_ids:
@@ -155,6 +157,7 @@ async def request_key(
             ]
         )
     status, started = await requests.submit(str(body.email), body.llm)
+    count_submission(request.app.state.meter, body.llm, started)
     if started:
         message = "Request received. You will get an email when it is decided."
     else:
@@ -316,13 +319,18 @@ def _openapi(app: FastAPI, settings: Settings) -> dict:
     return app.openapi_schema
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or load_settings()
+def create_app(settings: Settings | None = None, telemetry: Telemetry | None = None) -> FastAPI:
+    """Without arguments (uvicorn --factory) this is the API process: it reads the settings and
+    sets up the process's logs, metrics and traces. Tests pass their own."""
+    if settings is None:
+        settings = load_settings()
+        telemetry = start_telemetry(settings, "llm-key-requestor-api")
+    telemetry = telemetry or Telemetry()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Lazy: the API starts (and reports not-ready) while Temporal is still coming up.
-        client = await connect_temporal(settings, lazy=True)
+        client = await connect_temporal(settings, lazy=True, telemetry=telemetry)
         app.state.requests = KeyRequests(client, settings)
         yield
 
@@ -333,6 +341,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.meter = telemetry.meter
     app.openapi = lambda: _openapi(app, settings)
     app.include_router(public)
     app.include_router(admin)
@@ -344,4 +353,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allow_headers=["Authorization", "Content-Type"],
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)
+    app.add_middleware(HttpMetrics, meter=telemetry.meter)
+    telemetry.instrument_app(app)
     return app

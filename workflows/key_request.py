@@ -12,6 +12,8 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
+from workflows import metrics
+
 with workflow.unsafe.imports_passed_through():
     from activities.key_request import KeyRequestActivities
     from domain import (
@@ -156,6 +158,7 @@ class KeyRequestWorkflow:
         await workflow.execute_activity_method(
             KeyRequestActivities.notify_requester, request.request_id, **EMAIL
         )
+        metrics.emailed(self._status)
 
     # Decisions from people: signals (CLI, reconciler relaying kubectl) and the admin API's update.
 
@@ -212,6 +215,7 @@ class KeyRequestWorkflow:
     def _set_state(self, state: RequestState) -> None:
         self._status.state = state
         self._status.updated_at = _iso(workflow.now())
+        metrics.state_entered(self._status, self._decision)
         # Every start by the API or the reconciler sets these attributes. A start without them
         # (a namespace where they were never created) must still run the request: upserting an
         # unknown attribute would fail every workflow task.

@@ -12,6 +12,8 @@ from datetime import timedelta
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 
+from workflows import metrics
+
 with workflow.unsafe.imports_passed_through():
     from activities.reconcile import ReconcileActivities
     from domain import RECONCILE_PHASES, ReconcileCounts, ReconcilePage
@@ -45,4 +47,5 @@ class ReconcileWorkflow:
                 if total.pages >= PAGES_PER_RUN:
                     workflow.continue_as_new(ReconcilePage(phase, token, page.page_size))
         workflow.logger.info("reconciled: %s", total)
+        metrics.reconciled(total)
         return total
