@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from kubernetes import client
 from temporalio import activity
 
+import audit
 from activities.email import Mailer, Notice, compose
 from activities.kubernetes import SecretStore
 from activities.litellm import LiteLLMClient
@@ -289,6 +290,17 @@ class KeyRequestActivities:
 
         await self.store.update(name, mark_approved)
         activity.logger.info("minted key %s for request %s", alias, request.request_id)
+        audit.record_decision(
+            audit.DECIDED, request_id=request.request_id, decision=decision, model=request.model
+        )
+        audit.record_decision(
+            audit.KEY_MINTED,
+            request_id=request.request_id,
+            decision=decision,
+            model=request.model,
+            key_alias=alias,
+            expires=expires,
+        )
         return MintedKey(alias, expires or None)
 
     @activity.defn
@@ -310,6 +322,13 @@ class KeyRequestActivities:
 
         if await self.store.update(secret_name(final.request_id), close) is None:
             raise RuntimeError(f"secret {secret_name(final.request_id)} is missing")
+        audit.record_decision(
+            audit.CLOSED[final.state.value],
+            request_id=final.request_id,
+            decision=final.decision,
+            state=final.state.value,
+            reason=final.reason,
+        )
 
     @activity.defn
     @heartbeating
