@@ -1,0 +1,314 @@
+"""Operating it: the real /metrics endpoints of the API and the worker, traces, JSON logs.
+
+This module runs its own API and worker (their own task queue, metrics endpoints and tracing),
+so every count below is exactly this module's requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.parser import text_string_to_metric_families
+from temporalio.client import Client
+
+from activities.kubernetes import SecretStore
+from api.main import create_app
+from conftest import mail_to, unique_email, wait_until
+from connection import connect_temporal
+from devstack.http import free_port, serve_in_thread
+from domain import Review, workflow_id
+from settings import Settings
+from telemetry import Telemetry, census, metrics_runtime, start_tracing
+from test_key_request_flow import submit
+from test_reconcile import reconcile
+from worker import ensure_reconcile_schedule, run_worker
+
+SPANS = InMemorySpanExporter()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Observed:
+    api: httpx.AsyncClient
+    api_metrics: str
+    worker_metrics: str
+    settings: Settings
+    client: Client  # the worker's, with its metrics runtime
+    store: SecretStore
+    meter: object  # the worker runtime's metric meter
+
+
+@pytest.fixture(scope="module")
+async def observed(settings, temporal_client, core_api, worker, responses):
+    start_tracing("llm-key-requestor-tests", "", exporter=SPANS)
+    ours = settings.model_copy(
+        update={
+            "temporal_task_queue": f"telemetry-{uuid.uuid4().hex[:8]}",
+            "temporal_ui_url": "http://temporal-ui.example:8233",
+        }
+    )
+    worker_port, api_port = free_port(), free_port()
+    worker_telemetry = Telemetry(runtime=metrics_runtime(worker_port), tracing=True)
+    api_telemetry = Telemetry(runtime=metrics_runtime(api_port), tracing=True)
+    client = await connect_temporal(ours, telemetry=worker_telemetry)
+    store = SecretStore(core_api, ours.namespace)
+    stop = asyncio.Event()
+    running = asyncio.create_task(run_worker(ours, client, store, stop, worker_telemetry))
+    served = serve_in_thread(create_app(ours, api_telemetry), lifespan="on")
+
+    async def keep(response: httpx.Response) -> None:
+        responses.append(await response.aread())
+
+    try:
+        async with httpx.AsyncClient(
+            base_url=served.url, timeout=30, event_hooks={"response": [keep]}
+        ) as api:
+            yield Observed(
+                api,
+                f"http://127.0.0.1:{api_port}/metrics",
+                f"http://127.0.0.1:{worker_port}/metrics",
+                ours,
+                client,
+                store,
+                worker_telemetry.runtime.metric_meter,
+            )
+    finally:
+        served.stop()
+        stop.set()
+        await asyncio.wait_for(running, 30)
+        # Our worker pointed the one reconcile Schedule at its task queue; give it back.
+        await ensure_reconcile_schedule(temporal_client, settings)
+
+
+def samples(url: str) -> list:
+    """Every sample of a /metrics answer, parsed by Prometheus' own client library."""
+    text = httpx.get(url, timeout=10).text
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def value(found: list, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples whose labels include `labels`."""
+    return sum(
+        s.value
+        for s in found
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+async def metric_reaches(url: str, name: str, target: float, **labels: str) -> list:
+    """Scrape until `name` (summed over matching series) reaches `target`; the last scrape."""
+
+    def reached():
+        found = samples(url)
+        return found if value(found, name, **labels) >= target else None
+
+    return await wait_until(reached, 30, f"{name}{labels} to reach {target}")
+
+
+# ---- metrics ------------------------------------------------------------------------------
+
+
+async def test_metrics_count_every_path_by_model_and_decision(observed, mail, temporal_client):
+    api = observed.api
+    emails = {
+        "policy-approved": unique_email("approve.example.com"),
+        "policy-denied": unique_email("deny.example.com"),
+        "admin-approved": unique_email("manual.example.com"),
+        "signal-denied": unique_email("manual.example.com"),
+    }
+    ids = {path: (await submit(api, email))["request_id"] for path, email in emails.items()}
+    approved = await api.post(
+        f"/api/admin/requests/{ids['admin-approved']}/approve",
+        json={"reason": "fine"},
+        headers={"Authorization": f"Bearer {observed.settings.admin_token.get_secret_value()}"},
+    )
+    assert approved.status_code == 200, approved.text
+    handle = temporal_client.get_workflow_handle(workflow_id(ids["signal-denied"]))
+    await handle.signal("deny", Review(reviewer="bob", reason="not this quarter"))
+    for path, email in emails.items():
+        await mail_to(mail, email)
+        await temporal_client.get_workflow_handle(workflow_id(ids[path])).result()
+    # A repeat of an approved request returns it: counted, but no new workflow.
+    again = await submit(api, emails["admin-approved"])
+    assert again["request_id"] == ids["admin-approved"]
+
+    worker = await metric_reaches(
+        observed.worker_metrics,
+        "temporal_workflow_completed_total",
+        4,
+        workflow_type="KeyRequestWorkflow",
+    )
+    assert value(worker, "llm_key_requests_started_total", model="gpt-4o") == 4
+    decided = "llm_key_requests_decided_total"
+    assert value(worker, decided, decision="approved", source="policy") == 1
+    assert value(worker, decided, decision="denied", source="policy") == 1
+    assert value(worker, decided, decision="approved", source="api") == 1
+    assert value(worker, decided, decision="denied", source="signal") == 1
+    assert value(worker, decided) == 4
+    for decision in ("approved", "denied"):
+        histogram = "llm_key_request_decision_seconds"
+        count = value(worker, f"{histogram}_count", decision=decision)
+        assert count == 2
+        buckets = sorted(
+            (float(s.labels["le"]), s.value)
+            for s in worker
+            if s.name == f"{histogram}_bucket" and s.labels["decision"] == decision
+        )
+        assert [v for _, v in buckets] == sorted(v for _, v in buckets), "buckets are cumulative"
+        assert buckets[-1] == (float("inf"), count)
+        assert 0 <= value(worker, f"{histogram}_sum", decision=decision) < 600
+    assert value(worker, "llm_key_request_email_seconds_count", state="approved") == 2
+    assert value(worker, "llm_key_request_email_seconds_count", state="denied") == 2
+    # The Temporal SDK's own metrics, from the same endpoint.
+    assert value(worker, "temporal_activity_execution_latency_count") > 0
+
+    api_found = samples(observed.api_metrics)
+    submissions = "llm_key_api_submissions_total"
+    assert value(api_found, submissions, model="gpt-4o", outcome="started") == 4
+    assert value(api_found, submissions, model="gpt-4o", outcome="existing") == 1
+    requests = "llm_key_api_requests_total"
+    assert value(api_found, requests, route="/api/request-key", method="POST", status="200") == 5
+    assert value(api_found, "llm_key_api_request_seconds_count", route="/api/request-key") == 5
+    assert value(api_found, "temporal_request_total") > 0, "the API's Temporal client metrics"
+
+    # No label anywhere carries an email address or a request id.
+    for found in (worker, api_found):
+        labels = " ".join(v for s in found for v in s.labels.values())
+        for secret in (*emails.values(), *ids.values()):
+            assert secret not in labels
+
+
+async def test_mint_and_email_failures_are_counted_by_cause(observed, mail, litellm):
+    url = observed.worker_metrics
+    litellm.fail_next(1, status=500)
+    first = unique_email("approve.example.com")
+    await submit(observed.api, first)
+    await mail_to(mail, first)
+    await metric_reaches(url, "llm_key_mint_failures_total", 1, cause="LiteLLMUnavailable")
+
+    litellm.reject_next(1, status=400, message="max_budget must be positive", param="max_budget")
+    refused = unique_email("approve.example.com")
+    await submit(observed.api, refused)
+    await mail_to(mail, refused)
+    found = await metric_reaches(url, "llm_key_requests_failed_total", 1, model="gpt-4o")
+    assert value(found, "llm_key_mint_failures_total", cause="KeyRejected") == 1
+
+    mail.stop()
+    try:
+        denied = unique_email("deny.example.com")
+        await submit(observed.api, denied)
+        await metric_reaches(url, "llm_key_email_failures_total", 1, cause="MailUnavailable")
+    finally:
+        mail.start()
+    await mail_to(mail, denied, within=60)
+
+
+async def test_reconciler_runs_report_what_they_found(observed):
+    before = time.time()
+    counts = await reconcile(observed.client, observed.settings)
+    found = await metric_reaches(observed.worker_metrics, "llm_key_reconcile_runs_total", 1)
+    for outcome in ("in_flight", "resumed", "relayed", "corrected", "skipped"):
+        assert value(found, "llm_key_reconcile_secrets_total", outcome=outcome) == getattr(
+            counts, outcome
+        )
+    last_run = value(found, "llm_key_reconcile_last_run_timestamp_seconds")
+    assert before - 1 <= last_run <= time.time() + 1
+
+
+async def test_the_secret_census_counts_requests_per_state(observed, kube):
+    await census(observed.store, observed.meter, observed.settings)
+    found = samples(observed.worker_metrics)
+    secrets = [
+        s for s in kube.secrets("default") if s["metadata"]["name"].startswith("llm-key-request-")
+    ]
+    for state in ("pending", "approved", "denied", "failed"):
+        expected = sum(1 for s in secrets if s["metadata"]["labels"]["request-state"] == state)
+        assert value(found, "llm_key_request_secrets", state=state) == expected, state
+    assert value(found, "llm_key_request_approval_deadline_seconds") == 3600
+    assert value(found, "llm_key_request_oldest_pending_timestamp_seconds") <= time.time() + 1
+
+
+# ---- traces and logs ----------------------------------------------------------------------
+
+
+async def test_one_request_is_one_trace_continuing_the_callers(observed, mail, captured_logs):
+    trace_id, parent_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    email = unique_email("approve.example.com")
+    response = await observed.api.post(
+        "/api/request-key",
+        json={"email": email, "llm": "gpt-4o"},
+        headers={"traceparent": f"00-{trace_id}-{parent_id}-01"},
+    )
+    assert response.status_code == 200
+    request_id = response.json()["request_id"]
+    await mail_to(mail, email)
+
+    def finished():
+        spans = [
+            s for s in SPANS.get_finished_spans() if format(s.context.trace_id, "032x") == trace_id
+        ]
+        names = {s.name for s in spans}
+        return spans if "RunActivity:notify_requester" in names else None
+
+    spans = await wait_until(finished, 30, "the request's spans")
+    names = [s.name for s in spans]
+    by_id = {s.context.span_id: s for s in spans}
+    # The API's server span is the trace's entry, and its parent is the caller's span.
+    (server,) = [s for s in spans if s.name == "POST /api/request-key"]
+    assert format(server.parent.span_id, "016x") == parent_id and server.parent.is_remote
+    assert all(s.parent is not None for s in spans), "every span hangs off the caller's"
+    assert "StartWorkflow:KeyRequestWorkflow" in names
+    assert "RunWorkflow:KeyRequestWorkflow" in names
+    for activity in ("record_request", "evaluate_policy", "mint_key", "notify_requester"):
+        assert f"RunActivity:{activity}" in names, activity
+    (generate,) = [s for s in spans if "/key/generate" in str(s.attributes.get("http.url"))]
+    (smtp,) = [s for s in spans if s.name == "smtp send"]
+    assert by_id[generate.parent.span_id].name == "RunActivity:mint_key"
+    assert by_id[smtp.parent.span_id].name == "RunActivity:notify_requester"
+    # Nothing personal in any span.
+    attributes = json.dumps([dict(s.attributes) for s in spans], default=str)
+    assert email not in attributes
+
+    # The audit lines of that request, as LOG_FORMAT=json writes them.
+    lines = [json.loads(line) for line in captured_logs.json_lines]
+    minted = [
+        e for e in lines if e.get("event") == "key.minted" and e.get("request_id") == request_id
+    ]
+    assert len(minted) == 1
+    (event,) = minted
+    assert event["logger"] == "audit" and event["level"] == "INFO"
+    assert event["workflow_id"] == workflow_id(request_id)
+    assert event["trace_id"] == trace_id
+    assert event["actor"] == "policy:auto-approve" and event["source"] == "policy"
+    assert event["model"] == "gpt-4o" and event["decision"] == "approved"
+    assert email not in json.dumps([e for e in lines if e.get("request_id") == request_id])
+
+
+def test_log_format_json_writes_one_object_per_line():
+    program = (
+        "import logging, audit, telemetry\n"
+        "telemetry.configure_logging('json')\n"
+        "logging.getLogger('worker').info('ready on %s', 'queue-a')\n"
+        "audit.record(audit.DECIDED, request_id='r1', actor='alice', source='api', model='m')\n"
+        "try:\n    1 / 0\nexcept ZeroDivisionError:\n    logging.getLogger('x').exception('boom')\n"
+    )
+    done = subprocess.run(  # noqa: S603
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    ready, decided, boom = (json.loads(line) for line in done.stdout.splitlines())
+    assert ready["message"] == "ready on queue-a" and ready["logger"] == "worker"
+    assert {"time", "level", "logger", "message"} <= set(ready)
+    assert decided["event"] == "request.decided" and decided["request_id"] == "r1"
+    assert decided["actor"] == "alice" and decided["source"] == "api" and decided["model"] == "m"
+    assert boom["level"] == "ERROR" and "ZeroDivisionError" in boom["exception"]
