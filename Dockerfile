@@ -48,7 +48,7 @@ COPY --from=builder /app/.venv /app/.venv
 COPY api/ api/
 COPY activities/ activities/
 COPY workflows/ workflows/
-COPY domain.py settings.py connection.py worker.py config.yaml ./
+COPY domain.py settings.py connection.py worker.py audit.py telemetry.py config.yaml ./
 COPY --chmod=755 docker/entrypoint.sh docker/entrypoint.sh
 RUN python -m compileall -q api activities workflows domain.py settings.py connection.py worker.py
 

@@ -153,25 +153,37 @@ _FAILURE_METRICS = {
 
 
 class _FailureCounter(ActivityInboundInterceptor):
+    def __init__(self, next: ActivityInboundInterceptor, counters: dict) -> None:
+        super().__init__(next)
+        self.counters = counters
+
     async def execute_activity(self, input: ExecuteActivityInput):
         try:
             return await super().execute_activity(input)
         except Exception as exc:
-            name = _FAILURE_METRICS.get(activity.info().activity_type)
-            if name:
+            counter = self.counters.get(activity.info().activity_type)
+            if counter is not None:
                 # The exception's class is the cause: a small fixed set (LiteLLMUnavailable,
                 # KeyRejected, MailUnavailable, ...), never a message that could hold an email.
-                activity.metric_meter().create_counter(
-                    name, "Failed attempts, by the exception that failed them"
-                ).add(1, {"cause": type(exc).__name__})
+                counter.add(1, {"cause": type(exc).__name__})
             raise
 
 
 class FailureMetrics(Interceptor):
     """Counts failed attempts of minting and emailing, per cause (retries included)."""
 
+    def __init__(self, meter: MetricMeter) -> None:
+        self.counters = {
+            activity_type: meter.create_counter(name, "Failed attempts, by the exception")
+            for activity_type, name in _FAILURE_METRICS.items()
+        }
+        # Alerts use increase(), which misses a series' first sample: start the causes they
+        # watch at zero.
+        self.counters["mint_key"].add(0, {"cause": "KeyRejected"})
+        self.counters["notify_requester"].add(0, {"cause": "MailUnavailable"})
+
     def intercept_activity(self, next: ActivityInboundInterceptor) -> ActivityInboundInterceptor:
-        return _FailureCounter(next)
+        return _FailureCounter(next, self.counters)
 
 
 # The Secret census: how many request Secrets there are, per state. Secrets are the system of

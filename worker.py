@@ -141,7 +141,7 @@ async def run_worker(
             # On SIGTERM, running activities get this long to finish before they are cancelled
             # (and retried elsewhere); every one of ours is idempotent either way.
             graceful_shutdown_timeout=timedelta(seconds=30),
-            interceptors=[FailureMetrics()],
+            interceptors=[FailureMetrics(telemetry.meter)],
         )
         async with worker:
             log.info(
