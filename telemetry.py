@@ -26,6 +26,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from urllib.parse import quote
 
 from opentelemetry import trace
 from temporalio import activity
@@ -290,6 +291,18 @@ class HttpMetrics:
             labels = {"route": route, "method": scope["method"]}
             self.requests.add(1, {**labels, "status": str(status)})
             self.latency.record(time.perf_counter() - started, labels)
+
+
+# ---- Temporal Web UI ----------------------------------------------------------------------
+
+
+def web_ui_url(settings: Settings, wf_id: str) -> str | None:
+    """The Web UI's list of the request's runs (every submission of it), if TEMPORAL_UI_URL."""
+    if not settings.temporal_ui_url:
+        return None
+    query = quote(f'WorkflowId="{wf_id}"', safe="")
+    namespace = quote(settings.temporal_namespace, safe="")
+    return f"{settings.temporal_ui_url.rstrip('/')}/namespaces/{namespace}/workflows?query={query}"
 
 
 # ---- traces -------------------------------------------------------------------------------

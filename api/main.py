@@ -9,19 +9,20 @@ import logging
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import timedelta
-from typing import Annotated
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 from temporalio.service import RPCError
 
+from api.audit import as_csv, as_json_lines, events
 from api.schemas import (
     DenyIn,
     ErrorOut,
@@ -37,7 +38,7 @@ from api.service import AlreadyDecided, BadPageToken, KeyRequests, UnknownReques
 from connection import connect_temporal
 from domain import Decision, RequestState, RequestStatus, is_request_id, workflow_id
 from settings import Settings, load_settings
-from telemetry import HttpMetrics, Telemetry, count_submission
+from telemetry import HttpMetrics, Telemetry, count_submission, web_ui_url
 from telemetry import start as start_telemetry
 
 log = logging.getLogger("api")
@@ -84,7 +85,7 @@ def require_admin(
         raise HTTPException(403, "invalid admin token")
 
 
-def _out(status: RequestStatus) -> RequestStatusOut:
+def _out(status: RequestStatus, settings: Settings) -> RequestStatusOut:
     return RequestStatusOut(
         request_id=status.request_id,
         state=str(status.state),
@@ -98,6 +99,7 @@ def _out(status: RequestStatus) -> RequestStatusOut:
         key_expires=status.key_expires,
         deadline=status.deadline,
         workflow_id=workflow_id(status.request_id),
+        web_ui_url=web_ui_url(settings, workflow_id(status.request_id)),
     )
 
 
@@ -174,7 +176,7 @@ async def request_key(
 @public.get("/api/requests/{request_id}", tags=["requests"], responses=ERRORS)
 async def get_request(request_id: str, requests: RequestsDep) -> RequestStatusOut:
     """State, model, timestamps and decision of one request. Never the key."""
-    return _out(await requests.status(_checked_id(request_id)))
+    return _out(await requests.status(_checked_id(request_id)), requests.settings)
 
 
 @admin.get("/requests", responses=ERRORS)
@@ -185,12 +187,12 @@ async def list_requests(
     page_token: Annotated[str | None, Query(max_length=4096)] = None,
 ) -> RequestPage:
     rows, token = await requests.list(state, page_size, page_token)
-    return RequestPage(requests=[_out(r) for r in rows], next_page_token=token)
+    return RequestPage(requests=[_out(r, requests.settings) for r in rows], next_page_token=token)
 
 
 @admin.get("/requests/{request_id}", responses=ERRORS)
 async def admin_get_request(request_id: str, requests: RequestsDep) -> RequestStatusOut:
-    return _out(await requests.status(_checked_id(request_id)))
+    return _out(await requests.status(_checked_id(request_id)), requests.settings)
 
 
 @admin.post("/requests/{request_id}/approve", responses=ERRORS)
@@ -199,13 +201,51 @@ async def approve(
 ) -> RequestStatusOut:
     body = body or ReviewIn()
     decision = Decision(True, body.reviewer or "admin-api", body.reason, "api")
-    return _out(await requests.decide(_checked_id(request_id), decision))
+    return _out(await requests.decide(_checked_id(request_id), decision), requests.settings)
 
 
 @admin.post("/requests/{request_id}/deny", responses=ERRORS)
 async def deny(request_id: str, body: DenyIn, requests: RequestsDep) -> RequestStatusOut:
     decision = Decision(False, body.reviewer or "admin-api", body.reason, "api")
-    return _out(await requests.decide(_checked_id(request_id), decision))
+    return _out(await requests.decide(_checked_id(request_id), decision), requests.settings)
+
+
+@admin.get(
+    "/audit",
+    responses={
+        **ERRORS,
+        200: {
+            "description": "One event per line (JSON lines), or CSV with a header row. "
+            "X-Audit-Complete: false when more workflows matched than `limit`: narrow the window.",
+            "content": {"application/x-ndjson": {}, "text/csv": {}},
+        },
+    },
+)
+async def audit_export(
+    request: Request,
+    requests: RequestsDep,
+    since: datetime,
+    until: datetime | None = None,
+    output: Annotated[Literal["jsonl", "csv"] | None, Query(alias="format")] = None,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
+) -> Response:
+    """Decisions, mints, expiries and failures in [since, until) that Temporal still holds.
+
+    The complete trail is the `audit` log lines (README, "Operating it"). Times without a zone
+    are UTC. `format` (jsonl or csv) beats the Accept header (text/csv for CSV).
+    """
+    since = since if since.tzinfo else since.replace(tzinfo=UTC)
+    until = until or datetime.now(UTC)
+    until = until if until.tzinfo else until.replace(tzinfo=UTC)
+    if since >= until:
+        raise HTTPException(422, "since: must be earlier than until")
+    rows, complete = await events(requests.client, since, until, limit)
+    accept = request.headers.get("accept", "")
+    if output == "csv" or (output is None and "text/csv" in accept):
+        body, media = as_csv(rows), "text/csv; charset=utf-8"
+    else:
+        body, media = as_json_lines(rows), "application/x-ndjson"
+    return Response(body, media_type=media, headers={"X-Audit-Complete": str(complete).lower()})
 
 
 # Errors: always JSON with a `message` a person can act on.

@@ -43,6 +43,10 @@ class RequestStatusOut(BaseModel):
     key_expires: str | None = None
     deadline: str = ""
     workflow_id: str
+    web_ui_url: str | None = Field(
+        default=None,
+        description="The request's runs in the Temporal Web UI, when TEMPORAL_UI_URL is set",
+    )
 
 
 class RequestPage(BaseModel):

@@ -7,6 +7,8 @@ so every count below is exactly this module's requests.
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 import subprocess
 import sys
@@ -312,3 +314,101 @@ def test_log_format_json_writes_one_object_per_line():
     assert decided["event"] == "request.decided" and decided["request_id"] == "r1"
     assert decided["actor"] == "alice" and decided["source"] == "api" and decided["model"] == "m"
     assert boom["level"] == "ERROR" and "ZeroDivisionError" in boom["exception"]
+
+
+# ---- the audit export and Web UI links ----------------------------------------------------
+
+
+async def test_the_audit_export_says_who_decided_what(observed, mail, captured_logs):
+    api = observed.api
+    admin = {"Authorization": f"Bearer {observed.settings.admin_token.get_secret_value()}"}
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1))
+    emails = {
+        "approved": unique_email("approve.example.com"),
+        "denied": unique_email("deny.example.com"),
+        "manual": unique_email("manual.example.com"),
+    }
+    ids = {name: (await submit(api, email))["request_id"] for name, email in emails.items()}
+    decided = await api.post(
+        f"/api/admin/requests/{ids['manual']}/approve",
+        json={"reason": "=HYPERLINK(1)"},  # must reach a spreadsheet as text
+        headers=admin,
+    )
+    assert decided.status_code == 200
+    for email in emails.values():
+        await mail_to(mail, email)
+
+    async def exported():
+        response = await api.get("/api/admin/audit", params={"since": since}, headers=admin)
+        assert response.status_code == 200, response.text
+        rows = [json.loads(line) for line in response.text.splitlines()]
+        ours = [r for r in rows if r["request_id"] in ids.values()]
+        # Closed runs answer with their result, running ones with their status query.
+        return (response, ours) if len(ours) == 5 else None
+
+    response, rows = await wait_until(exported, 30, "the export to show the three requests")
+    assert response.headers["content-type"] == "application/x-ndjson"
+    assert response.headers["x-audit-complete"] == "true"
+    by = {(r["request_id"], r["event"]): r for r in rows}
+    approved = by[(ids["approved"], "request.decided")]
+    assert approved["actor"] == "policy:auto-approve" and approved["source"] == "policy"
+    assert approved["decision"] == "approved" and approved["model"] == "gpt-4o"
+    assert by[(ids["approved"], "key.minted")]["state"] == "approved"
+    denied = by[(ids["denied"], "request.decided")]
+    assert denied["decision"] == "denied" and denied["actor"] == "policy:auto-deny"
+    manual = by[(ids["manual"], "request.decided")]
+    assert manual["source"] == "api" and manual["decision"] == "approved"
+    assert [r["at"] for r in rows] == sorted(r["at"] for r in rows)
+    # The same decisions as the audit log lines wrote them.
+    logged = [json.loads(line) for line in captured_logs.json_lines]
+    for row in rows:
+        if row["event"] == "request.decided":
+            (line,) = [
+                e
+                for e in logged
+                if e.get("event") == "request.decided" and e.get("request_id") == row["request_id"]
+            ]
+            assert (line["actor"], line["source"]) == (row["actor"], row["source"])
+    assert not any(email in response.text for email in emails.values())
+
+    as_csv = await api.get(
+        "/api/admin/audit", params={"since": since}, headers={**admin, "Accept": "text/csv"}
+    )
+    assert as_csv.headers["content-type"].startswith("text/csv")
+    table = list(csv.DictReader(io.StringIO(as_csv.text)))
+    (cell,) = [r["reason"] for r in table if r["request_id"] == ids["manual"] and r["reason"]]
+    assert cell == "'=HYPERLINK(1)"
+    forced = await api.get(
+        "/api/admin/audit",
+        params={"since": since, "format": "jsonl", "limit": 1},
+        headers={**admin, "Accept": "text/csv"},
+    )
+    assert forced.headers["content-type"] == "application/x-ndjson"
+    assert forced.headers["x-audit-complete"] == "false"
+
+
+async def test_the_audit_export_is_for_admins_and_checks_its_window(observed):
+    url = "/api/admin/audit"
+    assert (
+        await observed.api.get(url, params={"since": "2026-01-01T00:00:00Z"})
+    ).status_code == 401
+    admin = {"Authorization": f"Bearer {observed.settings.admin_token.get_secret_value()}"}
+    backwards = await observed.api.get(
+        url,
+        params={"since": "2026-01-02T00:00:00Z", "until": "2026-01-01T00:00:00Z"},
+        headers=admin,
+    )
+    assert backwards.status_code == 422 and "since" in backwards.json()["message"]
+    missing = await observed.api.get(url, headers=admin)
+    assert missing.status_code == 422 and "since" in missing.json()["message"]
+
+
+async def test_status_answers_link_to_the_temporal_web_ui(observed, mail):
+    email = unique_email("deny.example.com")
+    request_id = (await submit(observed.api, email))["request_id"]
+    status = (await observed.api.get(f"/api/requests/{request_id}")).json()
+    assert status["web_ui_url"] == (
+        "http://temporal-ui.example:8233/namespaces/default/workflows"
+        f"?query=WorkflowId%3D%22key-request-{request_id}%22"
+    )
+    await mail_to(mail, email)
