@@ -24,7 +24,7 @@ import logging
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import quote
 
@@ -239,17 +239,15 @@ def _requested_at(secret) -> float:
         return created.timestamp() if created else time.time()
 
 
-async def run_census(store, meter, settings: Settings, stop: asyncio.Event) -> None:
-    """The census every CENSUS_EVERY seconds until `stop`; a failed run is logged and retried."""
-    while not stop.is_set():
+async def run_census(store, meter, settings: Settings) -> None:
+    """The census every CENSUS_EVERY seconds until cancelled; a failed run is logged and
+    retried."""
+    while True:
         try:
             await census(store, meter, settings)
         except Exception as exc:  # metrics never take the worker down
             log.warning("Secret census failed (%s); the gauges keep the last count", exc)
-        try:
-            await asyncio.wait_for(stop.wait(), CENSUS_EVERY)
-        except TimeoutError:
-            pass
+        await asyncio.sleep(CENSUS_EVERY)
 
 
 def count_submission(meter: MetricMeter, model: str, started: bool) -> None:
@@ -337,13 +335,6 @@ class Telemetry:
 
     runtime: Runtime | None = None  # the Temporal runtime serving Prometheus metrics
     tracing: bool = False
-    _interceptors: list = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.tracing:
-            from temporalio.contrib.opentelemetry import TracingInterceptor
-
-            self._interceptors = [TracingInterceptor()]
 
     @property
     def meter(self) -> MetricMeter:
@@ -353,7 +344,11 @@ class Telemetry:
     @property
     def interceptors(self) -> list:
         """Temporal client interceptors (workers built on the client inherit them)."""
-        return self._interceptors
+        if not self.tracing:
+            return []
+        from temporalio.contrib.opentelemetry import TracingInterceptor
+
+        return [TracingInterceptor()]
 
     def instrument_app(self, app) -> None:
         if self.tracing:

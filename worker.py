@@ -131,8 +131,8 @@ async def run_worker(
         http = await stack.enter_async_context(litellm_http(settings))
         telemetry.instrument_http(http)
         if telemetry.runtime is not None:
-            census = run_census(store, telemetry.runtime.metric_meter, settings, stop)
-            stack.push_async_callback(_finish, asyncio.create_task(census))
+            census = asyncio.create_task(run_census(store, telemetry.meter, settings))
+            stack.callback(census.cancel)
         worker = Worker(
             client,
             task_queue=settings.temporal_task_queue,
@@ -153,10 +153,6 @@ async def run_worker(
             )
             await stop.wait()
             log.info("stopping: finishing in-flight tasks")
-
-
-async def _finish(task: asyncio.Task) -> None:
-    await task
 
 
 async def main() -> int:

@@ -10,6 +10,7 @@ import asyncio
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import FastAPI, Request, Response
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 from temporalio.client import Client
@@ -412,3 +415,64 @@ async def test_status_answers_link_to_the_temporal_web_ui(observed, mail):
         f"?query=WorkflowId%3D%22key-request-{request_id}%22"
     )
     await mail_to(mail, email)
+
+
+def test_the_api_process_exports_traces_by_otlp_logs_json_and_serves_metrics():
+    """The API as deployed (uvicorn's factory, settings from the environment), in its own
+    process: OTLP/HTTP to a collector when OTEL_EXPORTER_OTLP_ENDPOINT is set."""
+    received: list[bytes] = []
+    collector = FastAPI()
+
+    @collector.post("/v1/traces")
+    async def traces(request: Request) -> Response:
+        received.append(await request.body())
+        return Response(status_code=200)
+
+    served = serve_in_thread(collector)
+    api_port, metrics_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": served.url,
+        "OTEL_BSP_SCHEDULE_DELAY": "100",  # export within a tenth of a second, not five
+        "LOG_FORMAT": "json",
+        "METRICS_PORT": str(metrics_port),
+        "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",  # nothing there; /api/models needs none
+    }
+    api = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory",
+         "--host", "127.0.0.1", "--port", str(api_port)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    trace_id = uuid.uuid4().hex
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                answer = httpx.get(
+                    f"http://127.0.0.1:{api_port}/api/models",
+                    headers={"traceparent": f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01"},
+                )
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the API process did not start"
+                time.sleep(0.1)
+        assert answer.status_code == 200
+        while not received:
+            assert time.monotonic() < deadline, "no spans reached the collector"
+            time.sleep(0.1)
+        found = samples(f"http://127.0.0.1:{metrics_port}/metrics")
+        assert value(found, "llm_key_api_requests_total", route="/api/models", status="200") == 1
+    finally:
+        api.terminate()
+        output, _ = api.communicate(timeout=30)
+        served.stop()
+
+    export = ExportTraceServiceRequest.FromString(received[0])
+    (resource,) = export.resource_spans
+    service = {a.key: a.value.string_value for a in resource.resource.attributes}["service.name"]
+    assert service == "llm-key-requestor-api"
+    spans = [s for scope in resource.scope_spans for s in scope.spans]
+    assert [s.name for s in spans] == ["GET /api/models"]
+    assert spans[0].trace_id.hex() == trace_id
+    lines = [json.loads(line) for line in output.splitlines() if line.strip()]
+    assert any(line["logger"].startswith("uvicorn") for line in lines), output
