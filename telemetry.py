@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -53,12 +54,11 @@ log = logging.getLogger(__name__)
 # ---- logs ---------------------------------------------------------------------------------
 
 _PLAIN = "%(asctime)s %(levelname)s %(name)s %(message)s"
-# LogRecord attributes that are not a caller's `extra`; everything else would be.
-_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record: time, level, logger, message, ids, trace id, extras."""
+    """One JSON object per record: time, level, logger, message, ids, trace id, and an audit
+    event's fields. Other `extra` attributes are left out: nobody checked them for secrets."""
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict = {
@@ -76,6 +76,7 @@ class JsonFormatter(logging.Formatter):
             out["span_id"] = format(span.span_id, "016x")
         audit = getattr(record, "audit", None)
         if isinstance(audit, Mapping):
+            # An event's fields never replace the line's own time, level, logger or message.
             out.update({k: v for k, v in audit.items() if k not in out or k == "request_id"})
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
@@ -313,11 +314,13 @@ def start_tracing(service: str, endpoint: str, exporter=None) -> bool:
     """
     if not endpoint and exporter is None:
         return False
+    # The SDK is imported only here: a process without tracing never loads it.
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
-    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    name = os.environ.get("OTEL_SERVICE_NAME") or service
+    provider = TracerProvider(resource=Resource.create({"service.name": name}))
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     else:

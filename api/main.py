@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from api.audit import as_csv, as_json_lines, events
 from api.schemas import (
@@ -234,18 +234,28 @@ async def audit_export(
     The complete trail is the `audit` log lines (README, "Operating it"). Times without a zone
     are UTC. `format` (jsonl or csv) beats the Accept header (text/csv for CSV).
     """
-    since = since if since.tzinfo else since.replace(tzinfo=UTC)
-    until = until or datetime.now(UTC)
-    until = until if until.tzinfo else until.replace(tzinfo=UTC)
+    since, until = _utc(since, "since"), _utc(until or datetime.now(UTC), "until")
     if since >= until:
         raise HTTPException(422, "since: must be earlier than until")
-    rows, complete = await events(requests.client, since, until, limit)
+    try:
+        rows, complete = await events(requests.client, since, until, limit)
+    except RPCError as exc:
+        if exc.status != RPCStatusCode.INVALID_ARGUMENT:
+            raise
+        raise HTTPException(422, "since, until: Temporal cannot search that range") from None
     accept = request.headers.get("accept", "")
     if output == "csv" or (output is None and "text/csv" in accept):
         body, media = as_csv(rows), "text/csv; charset=utf-8"
     else:
         body, media = as_json_lines(rows), "application/x-ndjson"
     return Response(body, media_type=media, headers={"X-Audit-Complete": str(complete).lower()})
+
+
+def _utc(moment: datetime, name: str) -> datetime:
+    try:
+        return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+    except OverflowError:
+        raise HTTPException(422, f"{name}: out of range") from None
 
 
 # Errors: always JSON with a `message` a person can act on.
