@@ -32,7 +32,13 @@ from urllib.parse import quote
 from opentelemetry import trace
 from temporalio import activity
 from temporalio.common import MetricMeter
-from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
+from temporalio.runtime import (
+    LogForwardingConfig,
+    LoggingConfig,
+    PrometheusConfig,
+    Runtime,
+    TelemetryConfig,
+)
 from temporalio.worker import (
     ActivityInboundInterceptor,
     ExecuteActivityInput,
@@ -129,18 +135,27 @@ HISTOGRAM_BUCKETS = {
 }
 
 
-def metrics_runtime(port: int) -> Runtime | None:
-    """A Temporal runtime that serves every metric of this process on `port` (0: none)."""
-    if not port:
-        return None
+def process_runtime(metrics_port: int) -> Runtime:
+    """The Temporal runtime of a process: with a port, every metric of the process served there.
+
+    Core's own log lines (connection trouble, say) go through Python logging, so LOG_FORMAT
+    applies to them as well instead of Core printing its own format to stderr.
+    """
+    metrics = None
+    if metrics_port:
+        metrics = PrometheusConfig(
+            bind_address=f"0.0.0.0:{metrics_port}",
+            # Seconds, as Prometheus expects, for the SDK's latencies too.
+            durations_as_seconds=True,
+            histogram_bucket_overrides={k: list(v) for k, v in HISTOGRAM_BUCKETS.items()},
+        )
     return Runtime(
         telemetry=TelemetryConfig(
-            metrics=PrometheusConfig(
-                bind_address=f"0.0.0.0:{port}",
-                # Seconds, as Prometheus expects, for the SDK's latencies too.
-                durations_as_seconds=True,
-                histogram_bucket_overrides={k: list(v) for k, v in HISTOGRAM_BUCKETS.items()},
+            logging=LoggingConfig(
+                filter=LoggingConfig.default.filter,
+                forwarding=LogForwardingConfig(logger=logging.getLogger("temporalio.core")),
             ),
+            metrics=metrics,
             # Every series would otherwise carry service_name="temporal-core-sdk".
             attach_service_name=False,
         )
@@ -336,12 +351,12 @@ def start_tracing(service: str, endpoint: str, exporter=None) -> bool:
 class Telemetry:
     """What one process exports; `Telemetry()` exports nothing."""
 
-    runtime: Runtime | None = None  # the Temporal runtime serving Prometheus metrics
+    runtime: Runtime | None = None  # the Temporal runtime (process_runtime); None: the SDK's
     tracing: bool = False
 
     @property
     def meter(self) -> MetricMeter:
-        """Where this process's own metrics go (nowhere without a metrics endpoint)."""
+        """Where this process's own metrics go (nowhere without METRICS_PORT)."""
         return self.runtime.metric_meter if self.runtime is not None else MetricMeter.noop
 
     @property
@@ -373,4 +388,4 @@ def start(settings: Settings, service: str) -> Telemetry:
     """Set up this process's logs, traces and metrics endpoint; once, at its start."""
     configure_logging(settings.log_format)
     tracing = start_tracing(service, settings.otel_exporter_otlp_endpoint)
-    return Telemetry(runtime=metrics_runtime(settings.metrics_port), tracing=tracing)
+    return Telemetry(runtime=process_runtime(settings.metrics_port), tracing=tracing)

@@ -130,7 +130,7 @@ async def run_worker(
     async with AsyncExitStack() as stack:
         http = await stack.enter_async_context(litellm_http(settings))
         telemetry.instrument_http(http)
-        if telemetry.runtime is not None:
+        if settings.metrics_port:
             census = asyncio.create_task(run_census(store, telemetry.meter, settings))
             stack.callback(census.cancel)
         worker = Worker(

@@ -29,11 +29,11 @@ from temporalio.client import Client
 from activities.kubernetes import SecretStore
 from api.main import create_app
 from conftest import mail_to, unique_email, wait_until
-from connection import connect_temporal
+from connection import connect_temporal, start_key_request
 from devstack.http import free_port, serve_in_thread
-from domain import Review, workflow_id
+from domain import KeyRequest, Review, request_id_for, workflow_id
 from settings import Settings
-from telemetry import Telemetry, census, metrics_runtime, start_tracing
+from telemetry import Telemetry, census, process_runtime, start_tracing
 from test_key_request_flow import submit
 from test_reconcile import reconcile
 from worker import ensure_reconcile_schedule, run_worker
@@ -63,8 +63,8 @@ async def observed(settings, temporal_client, core_api, worker, responses):
         }
     )
     worker_port, api_port = free_port(), free_port()
-    worker_telemetry = Telemetry(runtime=metrics_runtime(worker_port), tracing=True)
-    api_telemetry = Telemetry(runtime=metrics_runtime(api_port), tracing=True)
+    worker_telemetry = Telemetry(runtime=process_runtime(worker_port), tracing=True)
+    api_telemetry = Telemetry(runtime=process_runtime(api_port), tracing=True)
     client = await connect_temporal(ours, telemetry=worker_telemetry)
     store = SecretStore(core_api, ours.namespace)
     stop = asyncio.Event()
@@ -114,7 +114,10 @@ async def metric_reaches(url: str, name: str, target: float, **labels: str) -> l
     """Scrape until `name` (summed over matching series) reaches `target`; the last scrape."""
 
     def reached():
-        found = samples(url)
+        try:
+            found = samples(url)
+        except httpx.TransportError:
+            return None  # the process is still starting
         return found if value(found, name, **labels) >= target else None
 
     return await wait_until(reached, 30, f"{name}{labels} to reach {target}")
@@ -482,3 +485,50 @@ def test_the_api_process_exports_traces_by_otlp_logs_json_and_serves_metrics():
     assert spans[0].trace_id.hex() == trace_id
     lines = [json.loads(line) for line in output.splitlines() if line.strip()]
     assert any(line["logger"].startswith("uvicorn") for line in lines), output
+
+
+async def test_the_worker_process_logs_json_and_serves_metrics(
+    settings, temporal_client, kube, litellm, mail, worker
+):
+    """worker.py as deployed, configured by the environment only, on a task queue of its own."""
+    queue, metrics_port = f"telemetry-process-{uuid.uuid4().hex[:8]}", free_port()
+    env = {
+        **os.environ,
+        "TEMPORAL_ADDRESS": settings.temporal_address,
+        "TEMPORAL_TASK_QUEUE": queue,
+        "KUBECONFIG": str(kube.kubeconfig),
+        "KUBERNETES_NAMESPACE": settings.namespace,
+        "LITELLM_BASE_URL": litellm.url,
+        "LITELLM_API_KEY": litellm.master_key,
+        "SMTP_HOST": mail.host,
+        "SMTP_PORT": str(mail.port),
+        "SMTP_USE_TLS": "false",
+        "APPROVAL_QUEUE_INTERVAL": "24h",
+        "LOG_FORMAT": "json",
+        "METRICS_PORT": str(metrics_port),
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "worker.py", cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    email = unique_email("example.com")  # config.yaml: example.com + gpt-4o-mini is approved
+    request_id = request_id_for(email, "gpt-4o-mini", settings.request_id_key.get_secret_value())
+    try:
+        await metric_reaches(url, "temporal_num_pollers", 1, task_queue=queue)
+        request = KeyRequest(request_id, email, "gpt-4o-mini", "2026-12-01T00:00:00Z")
+        await start_key_request(temporal_client, queue, request)
+        await mail_to(mail, email)
+        await metric_reaches(url, "llm_key_requests_decided_total", 1, source="policy")
+    finally:
+        process.terminate()
+        output = (await asyncio.wait_for(process.communicate(), 60))[0].decode()
+        # The worker pointed the one reconcile Schedule at its task queue; give it back.
+        await ensure_reconcile_schedule(temporal_client, settings)
+    lines = [json.loads(line) for line in output.splitlines() if line.strip()]
+    assert any(line["message"].startswith("worker ready") for line in lines)
+    (minted,) = [line for line in lines if line.get("event") == "key.minted"]
+    assert minted["request_id"] == request_id
+    assert minted["workflow_id"] == workflow_id(request_id)
+    assert email not in output
+    assert not [k["key"] for k in litellm.keys() if k.get("key") and k["key"] in output]
