@@ -9,20 +9,20 @@ import logging
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
-from typing import Annotated, Literal
+from datetime import timedelta
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.service import RPCError
 
-from api.audit import as_csv, as_json_lines, events
+from api.audit import routes as audit_routes
 from api.schemas import (
     DenyIn,
     ErrorOut,
@@ -210,54 +210,6 @@ async def deny(request_id: str, body: DenyIn, requests: RequestsDep) -> RequestS
     return _out(await requests.decide(_checked_id(request_id), decision), requests.settings)
 
 
-@admin.get(
-    "/audit",
-    responses={
-        **ERRORS,
-        200: {
-            "description": "One event per line (JSON lines), or CSV with a header row. "
-            "X-Audit-Complete: false when more workflows matched than `limit`: narrow the window.",
-            "content": {"application/x-ndjson": {}, "text/csv": {}},
-        },
-    },
-)
-async def audit_export(
-    request: Request,
-    requests: RequestsDep,
-    since: datetime,
-    until: datetime | None = None,
-    output: Annotated[Literal["jsonl", "csv"] | None, Query(alias="format")] = None,
-    limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
-) -> Response:
-    """Decisions, mints, expiries and failures in [since, until) that Temporal still holds.
-
-    The complete trail is the `audit` log lines (README, "Operating it"). Times without a zone
-    are UTC. `format` (jsonl or csv) beats the Accept header (text/csv for CSV).
-    """
-    since, until = _utc(since, "since"), _utc(until or datetime.now(UTC), "until")
-    if since >= until:
-        raise HTTPException(422, "since: must be earlier than until")
-    try:
-        rows, complete = await events(requests.client, since, until, limit)
-    except RPCError as exc:
-        if exc.status != RPCStatusCode.INVALID_ARGUMENT:
-            raise
-        raise HTTPException(422, "since, until: Temporal cannot search that range") from None
-    accept = request.headers.get("accept", "")
-    if output == "csv" or (output is None and "text/csv" in accept):
-        body, media = as_csv(rows), "text/csv; charset=utf-8"
-    else:
-        body, media = as_json_lines(rows), "application/x-ndjson"
-    return Response(body, media_type=media, headers={"X-Audit-Complete": str(complete).lower()})
-
-
-def _utc(moment: datetime, name: str) -> datetime:
-    try:
-        return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
-    except OverflowError:
-        raise HTTPException(422, f"{name}: out of range") from None
-
-
 # Errors: always JSON with a `message` a person can act on.
 
 
@@ -395,6 +347,7 @@ def create_app(settings: Settings | None = None, telemetry: Telemetry | None = N
     app.openapi = lambda: _openapi(app, settings)
     app.include_router(public)
     app.include_router(admin)
+    app.include_router(audit_routes, prefix=admin.prefix, dependencies=admin.dependencies)
     _install_error_handlers(app, settings)
     app.add_middleware(
         CORSMiddleware,
