@@ -5,9 +5,8 @@
   one object carrying their fields.
 - Metrics: each process serves Prometheus text on METRICS_PORT (0 = none) through the Temporal
   SDK runtime's own exporter. The SDK's metrics (`temporal_*`) and the service's (`llm_key_*`,
-  recorded through the SDK's metric meters: workflows/metrics.py for workflow code, the
-  activity interceptor and the Secret census here for the worker, api/ for the API) share that
-  one endpoint, so a process has one port to scrape, not two.
+  recorded through the SDK's metric meters by workflows/metrics.py, activities/metrics.py and
+  api/metrics.py) share that one endpoint, so a process has one port to scrape, not two.
 - Traces: OpenTelemetry, exported by OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set. Otherwise
   nothing is set up at all: no SDK tracer provider, no interceptor, no instrumentation.
 
@@ -18,12 +17,10 @@ what they exercise.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,20 +36,8 @@ from temporalio.runtime import (
     Runtime,
     TelemetryConfig,
 )
-from temporalio.worker import (
-    ActivityInboundInterceptor,
-    ExecuteActivityInput,
-    Interceptor,
-)
 
-from domain import (
-    ANNOTATION_PREFIX,
-    COMPONENT,
-    COMPONENT_LABEL,
-    STATE_LABEL,
-    WORKFLOW_ID_PREFIX,
-    request_id_from_workflow_id,
-)
+from domain import WORKFLOW_ID_PREFIX, request_id_from_workflow_id
 from settings import Settings
 
 log = logging.getLogger(__name__)
@@ -160,151 +145,6 @@ def process_runtime(metrics_port: int) -> Runtime:
             attach_service_name=False,
         )
     )
-
-
-# Activity types whose failures are counted by cause, and the metric each goes to.
-_FAILURE_METRICS = {
-    "mint_key": "llm_key_mint_failures_total",
-    "notify_requester": "llm_key_email_failures_total",
-}
-
-
-class _FailureCounter(ActivityInboundInterceptor):
-    def __init__(self, next: ActivityInboundInterceptor, counters: dict) -> None:
-        super().__init__(next)
-        self.counters = counters
-
-    async def execute_activity(self, input: ExecuteActivityInput):
-        try:
-            return await super().execute_activity(input)
-        except Exception as exc:
-            counter = self.counters.get(activity.info().activity_type)
-            if counter is not None:
-                # The exception's class is the cause: a small fixed set (LiteLLMUnavailable,
-                # KeyRejected, MailUnavailable, ...), never a message that could hold an email.
-                counter.add(1, {"cause": type(exc).__name__})
-            raise
-
-
-class FailureMetrics(Interceptor):
-    """Counts failed attempts of minting and emailing, per cause (retries included)."""
-
-    def __init__(self, meter: MetricMeter) -> None:
-        self.counters = {
-            activity_type: meter.create_counter(name, "Failed attempts, by the exception")
-            for activity_type, name in _FAILURE_METRICS.items()
-        }
-        # Alerts use increase(), which misses a series' first sample: start the causes they
-        # watch at zero.
-        self.counters["mint_key"].add(0, {"cause": "KeyRejected"})
-        self.counters["notify_requester"].add(0, {"cause": "MailUnavailable"})
-
-    def intercept_activity(self, next: ActivityInboundInterceptor) -> ActivityInboundInterceptor:
-        return _FailureCounter(next, self.counters)
-
-
-# The Secret census: how many request Secrets there are, per state. Secrets are the system of
-# record (one per request, whatever Temporal's retention dropped), so this is the count an
-# operator sees with kubectl. One listing of every request Secret per run: a minute between runs
-# keeps that at a few calls a second even at tens of thousands of Secrets.
-CENSUS_EVERY = 60.0
-_CENSUS_PAGE = 500
-
-
-async def census(store, meter, settings: Settings) -> None:
-    """Count the request Secrets per state once; the gauges keep the last count."""
-    counts: dict[str, int] = {}
-    oldest_pending: float | None = None
-    token = None
-    while True:
-        page = await store.list_page(f"{COMPONENT_LABEL}={COMPONENT}", _CENSUS_PAGE, token)
-        for secret in page.items:
-            state = (secret.metadata.labels or {}).get(STATE_LABEL, "unknown")
-            counts[state] = counts.get(state, 0) + 1
-            if state == "pending":
-                moment = _requested_at(secret)
-                oldest_pending = moment if oldest_pending is None else min(oldest_pending, moment)
-        token = page.continue_token
-        if not token:
-            break
-    secrets_gauge = meter.create_gauge(
-        "llm_key_request_secrets", "Request Secrets in the namespace, by request-state label"
-    )
-    for state in sorted({*counts, "pending", "approved", "denied", "expired", "failed"}):
-        secrets_gauge.set(counts.get(state, 0), {"state": state})
-    meter.create_gauge(
-        "llm_key_request_oldest_pending_timestamp_seconds",
-        "Creation time of the oldest pending request Secret (now when none is pending)",
-    ).set(int(oldest_pending or time.time()))
-    meter.create_gauge(
-        "llm_key_request_approval_deadline_seconds", "approval.deadline: how long a request waits"
-    ).set(int(settings.approval_deadline.total_seconds()))
-    meter.create_gauge(
-        "llm_key_reconcile_interval_seconds", "APPROVAL_QUEUE_INTERVAL: reconciler period"
-    ).set(int(settings.approval_queue_interval.total_seconds()))
-
-
-def _requested_at(secret) -> float:
-    """When the request was made: its annotation (a resubmission reuses the Secret), else the
-    Secret's creation."""
-    value = (secret.metadata.annotations or {}).get(ANNOTATION_PREFIX + "requested-at", "")
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        created = secret.metadata.creation_timestamp
-        return created.timestamp() if created else time.time()
-
-
-async def run_census(store, meter, settings: Settings) -> None:
-    """The census every CENSUS_EVERY seconds until cancelled; a failed run is logged and
-    retried."""
-    while True:
-        try:
-            await census(store, meter, settings)
-        except Exception as exc:  # metrics never take the worker down
-            log.warning("Secret census failed (%s); the gauges keep the last count", exc)
-        await asyncio.sleep(CENSUS_EVERY)
-
-
-def count_submission(meter: MetricMeter, model: str, started: bool) -> None:
-    """A POST /api/request-key that was accepted: a new request, or the live one returned."""
-    meter.create_counter(
-        "llm_key_api_submissions_total", "Key requests submitted to the API, by model and outcome"
-    ).add(1, {"model": model, "outcome": "started" if started else "existing"})
-
-
-class HttpMetrics:
-    """ASGI middleware: API requests and their latency, by route template, method and status.
-
-    The route template (`/api/requests/{request_id}`), never the path, so no id is a label.
-    """
-
-    def __init__(self, app, meter: MetricMeter) -> None:
-        self.app = app
-        self.requests = meter.create_counter("llm_key_api_requests_total", "API requests answered")
-        self.latency = meter.create_histogram_float(
-            "llm_key_api_request_seconds", "Time to answer an API request", "s"
-        )
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = time.perf_counter()
-        status = 500
-
-        async def sending(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, sending)
-        finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            labels = {"route": route, "method": scope["method"]}
-            self.requests.add(1, {**labels, "status": str(status)})
-            self.latency.record(time.perf_counter() - started, labels)
 
 
 # ---- Temporal Web UI ----------------------------------------------------------------------

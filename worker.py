@@ -33,11 +33,12 @@ from activities.email import Mailer
 from activities.key_request import KeyRequestActivities
 from activities.kubernetes import SecretStore, core_api
 from activities.litellm import LiteLLMClient
+from activities.metrics import FailureMetrics, run_census
 from activities.reconcile import ReconcileActivities
 from connection import connect_temporal, ensure_search_attributes, tls_context
 from domain import RECONCILE_SCHEDULE_ID, ReconcilePage
 from settings import ConfigError, Settings, load_settings
-from telemetry import FailureMetrics, Telemetry, run_census
+from telemetry import Telemetry
 from telemetry import start as start_telemetry
 from workflows.key_request import KeyRequestWorkflow
 from workflows.reconcile import ReconcileWorkflow

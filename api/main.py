@@ -23,6 +23,7 @@ from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 from temporalio.service import RPCError
 
 from api.audit import routes as audit_routes
+from api.metrics import HttpMetrics, count_submission
 from api.schemas import (
     DenyIn,
     ErrorOut,
@@ -38,7 +39,7 @@ from api.service import AlreadyDecided, BadPageToken, KeyRequests, UnknownReques
 from connection import connect_temporal
 from domain import Decision, RequestState, RequestStatus, is_request_id, workflow_id
 from settings import Settings, load_settings
-from telemetry import HttpMetrics, Telemetry, count_submission, web_ui_url
+from telemetry import Telemetry, web_ui_url
 from telemetry import start as start_telemetry
 
 log = logging.getLogger("api")

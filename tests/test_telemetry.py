@@ -27,13 +27,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from temporalio.client import Client
 
 from activities.kubernetes import SecretStore
+from activities.metrics import census
 from api.main import create_app
 from conftest import mail_to, unique_email, wait_until
 from connection import connect_temporal, start_key_request
 from devstack.http import free_port, serve_in_thread
 from domain import KeyRequest, Review, request_id_for, workflow_id
 from settings import Settings
-from telemetry import Telemetry, census, process_runtime, start_tracing
+from telemetry import Telemetry, process_runtime, start_tracing
 from test_key_request_flow import submit
 from test_reconcile import reconcile
 from worker import ensure_reconcile_schedule, run_worker
