@@ -24,7 +24,8 @@ from fastapi import FastAPI, Request, Response
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHistory
+from temporalio.worker import Replayer
 
 from activities.kubernetes import SecretStore
 from activities.metrics import census
@@ -38,6 +39,7 @@ from telemetry import Telemetry, process_runtime, start_tracing
 from test_key_request_flow import submit
 from test_reconcile import reconcile
 from worker import ensure_reconcile_schedule, run_worker
+from workflows.key_request import KeyRequestWorkflow
 
 SPANS = InMemorySpanExporter()
 ROOT = Path(__file__).resolve().parents[1]
@@ -533,3 +535,23 @@ async def test_the_worker_process_logs_json_and_serves_metrics(
     assert minted["workflow_id"] == workflow_id(request_id)
     assert email not in output
     assert not [k["key"] for k in litellm.keys() if k.get("key") and k["key"] in output]
+
+
+async def test_a_replay_counts_nothing():
+    """Workflow metrics go through the replay-safe meter: replaying a recorded history (as a
+    worker does after losing its cache) records no request a second time."""
+    port = free_port()
+    runtime = process_runtime(port)
+    # The same meter outside a workflow does record: the endpoint would show a count.
+    runtime.metric_meter.create_counter("replay_test_control_total").add(1)
+    replayer = Replayer(workflows=[KeyRequestWorkflow], runtime=runtime)
+    history = Path(__file__).parent / "histories" / "policy-approved.json"
+    await replayer.replay_workflow(WorkflowHistory.from_json("replayed", history.read_text()))
+    found = samples(f"http://127.0.0.1:{port}/metrics")
+    assert value(found, "replay_test_control_total") == 1
+    for name in (
+        "llm_key_requests_started_total",
+        "llm_key_requests_decided_total",
+        "llm_key_request_email_seconds_count",
+    ):
+        assert value(found, name) == 0, name
