@@ -51,7 +51,8 @@ COPY --from=builder /app/.venv /app/.venv
 COPY api/ api/
 COPY activities/ activities/
 COPY workflows/ workflows/
-COPY domain.py settings.py connection.py audit.py worker.py worker_health.py config.yaml ./
+COPY domain.py settings.py connection.py audit.py telemetry.py worker.py worker_health.py \
+    config.yaml ./
 COPY --chmod=755 docker/entrypoint.sh docker/entrypoint.sh
 RUN python -m compileall -q api activities workflows domain.py settings.py connection.py audit.py \
     worker.py worker_health.py

@@ -46,3 +46,23 @@ def record(event: str, *, request_id: str, actor: str = "", source: str = "", **
     # JSON formatter (LOG_FORMAT=json) to emit as one object.
     summary = " ".join(f"{k}={v}" for k, v in fields.items() if k != "event" and v != "")
     log.info("%s %s", event, summary, extra={"audit": fields})
+
+
+# The event a request's closing state stands for.
+CLOSED = {"denied": DECIDED, "expired": EXPIRED, "failed": FAILED}
+
+
+def record_decision(event: str, *, request_id: str, decision, **details) -> None:
+    """An event that `decision` (a domain.Decision) led to; None means no one decided in time."""
+    if decision is None:
+        record(event, request_id=request_id, source="timer", **details)
+        return
+    verdict = "approved" if decision.approved else "denied"
+    record(
+        event,
+        request_id=request_id,
+        actor=decision.reviewer,
+        source=decision.source,
+        decision=verdict,
+        **details,
+    )

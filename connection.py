@@ -32,6 +32,7 @@ from domain import (
     workflow_id,
 )
 from settings import Settings
+from telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,13 @@ def _temporal_tls(settings: Settings) -> TLSConfig | bool:
 
 
 async def connect_temporal(
-    settings: Settings, lazy: bool = False, retry_config: RetryConfig | None = None
+    settings: Settings,
+    lazy: bool = False,
+    retry_config: RetryConfig | None = None,
+    telemetry: Telemetry | None = None,
 ) -> Client:
+    """`telemetry` gives the client (and workers built on it) its metrics runtime and tracing."""
+    telemetry = telemetry or Telemetry()
     return await Client.connect(
         settings.temporal_address,
         namespace=settings.temporal_namespace,
@@ -71,6 +77,8 @@ async def connect_temporal(
         api_key=settings.temporal_api_key.get_secret_value() or None,
         lazy=lazy,
         **({"retry_config": retry_config} if retry_config else {}),
+        interceptors=telemetry.interceptors,
+        runtime=telemetry.runtime,
     )
 
 

@@ -232,6 +232,14 @@ class Settings(BaseSettings):
     # Signs session and CSRF cookies; default: derived from request_id_key.
     auth_session_secret: SecretStr = SecretStr("")
     auth_session_lifetime: Duration = timedelta(hours=8)
+    # Operating it (telemetry.py). text or json: one JSON object per log line.
+    log_format: Literal["text", "json"] = "text"
+    # Prometheus metrics on this port (all interfaces), path /metrics; 0 serves none.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    # OTLP/HTTP collector (e.g. http://otel-collector:4318); empty: no tracing at all.
+    otel_exporter_otlp_endpoint: str = ""
+    # The Temporal Web UI (e.g. http://temporal-ui:8080): status answers link to each request.
+    temporal_ui_url: str = ""
     # Keys the request id derived from (email, model), so ids reveal nothing about the email.
     request_id_key: SecretStr = SecretStr(BUILT_IN_REQUEST_ID_KEY)
 

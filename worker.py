@@ -34,11 +34,14 @@ from activities.email import Mailer
 from activities.key_request import KeyRequestActivities
 from activities.kubernetes import SecretStore, core_api
 from activities.litellm import LiteLLMClient
+from activities.metrics import FailureMetrics, run_census
 from activities.reconcile import ReconcileActivities
 from activities.transient import LogTransientFailures
 from connection import connect_temporal, ensure_search_attributes, tls_context
 from domain import RECONCILE_SCHEDULE_ID, ReconcilePage
 from settings import ConfigError, Settings, load_settings
+from telemetry import Telemetry
+from telemetry import start as start_telemetry
 from worker_health import serve_health
 from workflows.key_request import EMAIL, MINTING, KeyRequestWorkflow
 from workflows.reconcile import ReconcileWorkflow
@@ -188,13 +191,25 @@ def litellm_http(settings: Settings) -> httpx.AsyncClient:
 
 
 async def run_worker(
-    settings: Settings, client: Client, store: SecretStore, stop: asyncio.Event
+    settings: Settings,
+    client: Client,
+    store: SecretStore,
+    stop: asyncio.Event,
+    telemetry: Telemetry | None = None,
 ) -> None:
-    """Serve the task queue until `stop` is set, then finish in-flight tasks and return."""
+    """Serve the task queue until `stop` is set, then finish in-flight tasks and return.
+
+    `telemetry` is what `client` was connected with (its runtime, its tracing).
+    """
+    telemetry = telemetry or Telemetry()
     await ensure_search_attributes(client)
     await ensure_reconcile_schedule(client, settings)
     async with AsyncExitStack() as stack:
         http = await stack.enter_async_context(litellm_http(settings))
+        telemetry.instrument_http(http)
+        if settings.metrics_port:
+            census = asyncio.create_task(run_census(store, telemetry.meter, settings))
+            stack.callback(census.cancel)
         worker = Worker(
             client,
             task_queue=settings.temporal_task_queue,
@@ -203,7 +218,7 @@ async def run_worker(
             # On SIGTERM, running activities get this long to finish before they are cancelled
             # (and retried elsewhere); every one of ours is idempotent either way.
             graceful_shutdown_timeout=timedelta(seconds=30),
-            interceptors=[LogTransientFailures()],
+            interceptors=[LogTransientFailures(), FailureMetrics(telemetry.meter)],
         )
         async with worker, serve_health(settings, client, worker):
             log.info(
@@ -218,7 +233,6 @@ async def run_worker(
 
 
 async def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         settings = load_settings()
         settings.check_secrets("litellm_api_key")
@@ -226,13 +240,14 @@ async def main() -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    telemetry = start_telemetry(settings, "llm-key-requestor-worker")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    client = await connect_temporal(settings)
+    client = await connect_temporal(settings, telemetry=telemetry)
     store = SecretStore(core_api(), settings.namespace)
-    await run_worker(settings, client, store, stop)
+    await run_worker(settings, client, store, stop, telemetry)
     return 0
 
 

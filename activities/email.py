@@ -10,10 +10,14 @@ from email.message import EmailMessage
 from email.utils import formatdate
 
 import aiosmtplib
+from opentelemetry import trace
 from temporalio.exceptions import ApplicationError
 
 from activities.transient import Transient
 from domain import RequestState
+
+# A no-op until telemetry.py installs a tracer provider (OTEL_EXPORTER_OTLP_ENDPOINT).
+_tracer = trace.get_tracer(__name__)
 
 
 class MailUnavailable(Transient):
@@ -224,7 +228,11 @@ class Mailer:
         self._use_tls, self._timeout = use_tls, timeout
         self._tls_context = tls_context
 
+    @_tracer.start_as_current_span("smtp send", kind=trace.SpanKind.CLIENT)
     async def send(self, message: EmailMessage) -> None:
+        trace.get_current_span().set_attributes(
+            {"server.address": self.host, "server.port": self.port}
+        )
         implicit_tls = self._use_tls and self.port == 465
         try:
             await aiosmtplib.send(

@@ -342,8 +342,18 @@ class KeyRequestActivities:
             await self.litellm.delete_keys([alias])
             raise SecretMissing(name)
         activity.logger.info("minted key %s for request %s", alias, request.request_id)
-        audit.record(audit.KEY_MINTED, request_id=request.request_id, actor=decision.reviewer,
-                     source=decision.source, key_alias=alias, cycle=cycle_of(secret))  # fmt: skip
+        audit.record_decision(
+            audit.DECIDED, request_id=request.request_id, decision=decision, model=request.model
+        )
+        audit.record_decision(
+            audit.KEY_MINTED,
+            request_id=request.request_id,
+            decision=decision,
+            model=request.model,
+            key_alias=alias,
+            expires=expires,
+            cycle=cycle_of(secret),
+        )
         return MintedKey(alias, expires or None)
 
     @activity.defn
@@ -365,6 +375,13 @@ class KeyRequestActivities:
 
         if await self.store.update(secret_name(final.request_id), close) is None:
             raise SecretMissing(secret_name(final.request_id))
+        audit.record_decision(
+            audit.CLOSED[final.state.value],
+            request_id=final.request_id,
+            decision=final.decision,
+            state=final.state.value,
+            reason=final.reason,
+        )
 
     @activity.defn
     @heartbeating

@@ -24,7 +24,9 @@ from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 from temporalio.service import RPCError, RPCStatusCode
 
 from api import pages
+from api.audit import routes as audit_routes
 from api.auth import ApproverDep, Authenticator, decide_as, require_approver
+from api.metrics import HttpMetrics, count_submission
 from api.schemas import (
     DenyIn,
     ErrorOut,
@@ -60,6 +62,8 @@ from domain import (
     workflow_id,
 )
 from settings import ConfigError, Settings, load_settings, parse_duration
+from telemetry import Telemetry, web_ui_url
+from telemetry import start as start_telemetry
 
 log = logging.getLogger("api")
 
@@ -99,7 +103,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 RequestsDep = Annotated[KeyRequests, Depends(get_requests)]
 
 
-def _out(status: RequestStatus, admin: bool = False) -> RequestStatusOut:
+def _out(status: RequestStatus, settings: Settings, admin: bool = False) -> RequestStatusOut:
     """The status as shown. Without `admin` (anyone who knows the id) it names no person.
 
     A reviewer's name is personal, and a reviewer's or revoker's reason, a failure's cause or a
@@ -143,6 +147,7 @@ def _out(status: RequestStatus, admin: bool = False) -> RequestStatusOut:
         requester=status.email if admin else "",
         justification=status.justification if admin else "",
         notification_failed=status.notification_failed,
+        web_ui_url=web_ui_url(settings, workflow_id(status.request_id)),
     )
 
 
@@ -186,7 +191,7 @@ async def models(settings: SettingsDep) -> ModelList:
 
 @public.post("/api/request-key", tags=["requests"], responses=ERRORS)
 async def request_key(
-    body: KeyRequestIn, settings: SettingsDep, requests: RequestsDep
+    body: KeyRequestIn, settings: SettingsDep, requests: RequestsDep, request: Request
 ) -> KeyRequestOut:
     """Start a key request. A repeat while one is pending returns that one; for a live key it
     renews the key inside the renewal window (lifecycle.remind_before) and otherwise reports
@@ -203,6 +208,7 @@ async def request_key(
             ]
         )
     status, outcome = await requests.submit(str(body.email), body.llm, body.justification)
+    count_submission(request.app.state.meter, body.llm, outcome)
     if outcome in ("started", "restarted"):
         status = await requests.settled(status, settings.api_decision_wait.total_seconds())
         message = _submitted_message(status)
@@ -245,7 +251,7 @@ def _submitted_message(status: RequestStatus) -> str:
 @public.get("/api/requests/{request_id}", tags=["requests"], responses=ERRORS)
 async def get_request(request_id: str, requests: RequestsDep) -> RequestStatusOut:
     """State, model, timestamps and decision of one request. Never the key, nor the reviewer."""
-    return _out(await requests.status(_checked_id(request_id)))
+    return _out(await requests.status(_checked_id(request_id)), requests.settings)
 
 
 @admin.get("/requests", responses=ERRORS)
@@ -258,12 +264,14 @@ async def list_requests(
     """Requests with who asked, who decided and when (one workflow query per row)."""
     rows, token = await requests.list(state, page_size, page_token)
     rows = await requests.detailed(rows)
-    return RequestPage(requests=[_out(r, admin=True) for r in rows], next_page_token=token)
+    return RequestPage(
+        requests=[_out(r, requests.settings, admin=True) for r in rows], next_page_token=token
+    )
 
 
 @admin.get("/requests/{request_id}", responses=ERRORS)
 async def admin_get_request(request_id: str, requests: RequestsDep) -> RequestStatusOut:
-    return _out(await requests.status(_checked_id(request_id)), admin=True)
+    return _out(await requests.status(_checked_id(request_id)), requests.settings, admin=True)
 
 
 @admin.post("/requests/{request_id}/approve", responses=ERRORS)
@@ -276,7 +284,7 @@ async def approve(
     """Approve as the authenticated caller (a body `reviewer` is ignored)."""
     reason = body.reason if body else ""
     status = await decide_as(principal, _checked_id(request_id), True, reason, "api", requests)
-    return _out(status, admin=True)
+    return _out(status, requests.settings, admin=True)
 
 
 @admin.post("/requests/{request_id}/deny", responses=ERRORS)
@@ -290,7 +298,7 @@ async def deny(
     status = await decide_as(
         principal, _checked_id(request_id), False, body.reason, "api", requests
     )
-    return _out(status, admin=True)
+    return _out(status, requests.settings, admin=True)
 
 
 @admin.post("/requests/{request_id}/revoke", responses=ERRORS)
@@ -300,9 +308,8 @@ async def revoke(
     """Delete the live key in LiteLLM and tell its holder why. 409 if there is no live key.
     Recorded as the authenticated caller (a body `reviewer` is ignored)."""
     order = Revocation(principal.reviewer, body.reason, "api")
-    return _out(
-        await requests.order_key(_checked_id(request_id), UPDATE_REVOKE, order), admin=True
-    )
+    status = await requests.order_key(_checked_id(request_id), UPDATE_REVOKE, order)
+    return _out(status, requests.settings, admin=True)
 
 
 @admin.post("/requests/{request_id}/rotate", responses=ERRORS)
@@ -327,9 +334,8 @@ async def rotate(
                 ]  # fmt: skip
             ) from None
     order = RotationOrder(principal.reviewer, grace, "api")
-    return _out(
-        await requests.order_key(_checked_id(request_id), UPDATE_ROTATE, order), admin=True
-    )
+    status = await requests.order_key(_checked_id(request_id), UPDATE_ROTATE, order)
+    return _out(status, requests.settings, admin=True)
 
 
 # Errors: always JSON with a `message` a person can act on.
@@ -483,7 +489,10 @@ def _openapi(app: FastAPI, settings: Settings) -> dict:
     return app.openapi_schema
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, telemetry: Telemetry | None = None) -> FastAPI:
+    """Without arguments (uvicorn --factory) this is the API process: it reads the settings and
+    sets up the process's logs, metrics and traces. Tests pass their own."""
+    process = settings is None
     try:
         settings = settings or load_settings()
         settings.check_secrets("request_id_key", "admin_token")
@@ -491,11 +500,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Under uvicorn an exception becomes a traceback; the message is all there is to say.
         print(exc, file=sys.stderr)
         raise SystemExit(2) from None
+    if process:
+        telemetry = start_telemetry(settings, "llm-key-requestor-api")
+    telemetry = telemetry or Telemetry()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Lazy: the API starts (and reports not-ready) while Temporal is still coming up.
-        client = await connect_temporal(settings, lazy=True, retry_config=RETRIES)
+        client = await connect_temporal(
+            settings, lazy=True, retry_config=RETRIES, telemetry=telemetry
+        )
         app.state.requests = KeyRequests(client, settings)
         yield
 
@@ -508,9 +522,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.auth = Authenticator(settings)
+    app.state.meter = telemetry.meter
     app.openapi = lambda: _openapi(app, settings)
     app.include_router(public)
     app.include_router(admin)
+    app.include_router(audit_routes, prefix=admin.prefix, dependencies=admin.dependencies)
     pages.install(app)
     _install_error_handlers(app, settings)
     app.add_middleware(
@@ -520,4 +536,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allow_headers=["Authorization", "Content-Type"],
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)
+    app.add_middleware(HttpMetrics, meter=telemetry.meter)
+    telemetry.instrument_app(app)
     return app

@@ -69,6 +69,10 @@ class RequestStatusOut(BaseModel):
     notification_failed: str = Field(
         default="", description="The mail server's final refusal of an email, if any"
     )
+    web_ui_url: str | None = Field(
+        default=None,
+        description="The request's runs in the Temporal Web UI, when TEMPORAL_UI_URL is set",
+    )
 
 
 class RequestPage(BaseModel):

@@ -33,6 +33,7 @@ from devstack.oidc import APPROVERS_GROUP, OIDCIssuer
 from devstack.temporal import TemporalDevServer, connect_when_ready
 from kube_apiserver import KubeAPIServer, missing_binaries
 from settings import ApprovalRule, Settings, load_settings
+from telemetry import JsonFormatter
 from worker import run_worker
 
 ADMIN_TOKEN = "test-admin-token-1234567890"
@@ -220,6 +221,9 @@ class Captured(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.lines: list[str] = []
+        # The same records as LOG_FORMAT=json writes them: held to the same promises.
+        self.json_lines: list[str] = []
+        self._json = JsonFormatter()
         self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
 
     # The stand-ins play the remote side (the mail server must receive the key); only the
@@ -229,6 +233,7 @@ class Captured(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if not record.name.startswith(self.REMOTE_SIDE):
             self.lines.append(self.format(record))
+            self.json_lines.append(self._json.format(record))
 
 
 @pytest.fixture(scope="session")
@@ -273,7 +278,7 @@ async def no_key_leaks(litellm, temporal_client, captured_logs, responses):
     async for execution in temporal_client.list_workflows():
         handle = temporal_client.get_workflow_handle(execution.id, run_id=execution.run_id)
         histories += _raw(await handle.fetch_history())
-    logs = "\n".join(captured_logs.lines)
+    logs = "\n".join(captured_logs.lines + captured_logs.json_lines)
     bodies = b"\n".join(responses)
     for key in keys:
         assert key not in logs, "a minted key appeared in the logs"

@@ -485,7 +485,7 @@ def test_the_api_port_agrees_everywhere():
     container = only_container(api)
     assert uvicorn_port(container["args"]) == API_PORT
     named = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert named == {"http": API_PORT}
+    assert named["http"] == API_PORT
     service = deploy_object("Service", "llm-key-requestor-api")
     assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
     labels = api["spec"]["template"]["metadata"]["labels"]

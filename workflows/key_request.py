@@ -13,6 +13,8 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
+from workflows import metrics
+
 with workflow.unsafe.imports_passed_through():
     from activities.key_request import KeyRequestActivities
     from domain import (
@@ -117,6 +119,11 @@ class KeyRequestWorkflow:
         self._renewing = False
         self._resubmitted: Resubmission | None = None  # a finished request asked for again
         self._published: dict = {}
+        # States this run has counted in the metrics: a run that carries a live key over (a
+        # renewal's continue-as-new) has counted its approval already.
+        self._counted: set[RequestState] = set()
+        if request.life is not None:
+            self._counted = {RequestState.PENDING, RequestState.APPROVED}
 
     @workflow.run
     async def run(self, request: KeyRequest) -> FinalState:
@@ -281,6 +288,7 @@ class KeyRequestWorkflow:
             if not self._mail_rejected(err):
                 raise
             return False
+        metrics.emailed(self._status)
         return True
 
     def _mail_rejected(self, err: ActivityError) -> bool:
@@ -366,6 +374,7 @@ class KeyRequestWorkflow:
             if reminders and expires - timedelta(seconds=reminders[0]) <= now:
                 point = reminders.pop(0)
                 await self._tell(request, "reminder", _span(point))
+                metrics.reminded(request.model)
                 continue
             wakes = [t for t in (expires, old_due if self._life.old_key_alias else None) if t]
             if reminders and expires is not None:
@@ -441,6 +450,7 @@ class KeyRequestWorkflow:
         status.key_expires = extended.expires
         status.cycle, status.requested_at, status.deadline = renewal.cycle, asked.requested_at, ""
         self._set_state(RequestState.APPROVED)
+        metrics.renewed(request.model, "extended")
         await self._tell(request, "renewed")
         return "extended"
 
@@ -462,6 +472,7 @@ class KeyRequestWorkflow:
         self._life.old_key_alias = rotated.old_key_alias
         self._life.old_key_delete_at = _iso(now + timedelta(seconds=grace))
         self._rotation = None
+        metrics.rotated(request.model, order.source)
         await self._tell(request, "rotated", str(self._life.rotations))
 
     async def _delete_old_key(self, request: KeyRequest) -> None:
@@ -486,6 +497,10 @@ class KeyRequestWorkflow:
         self._status.reason = order.reason
         self._status.next_reminder = ""
         self._set_state(state)
+        if state is RequestState.REVOKED:
+            metrics.revoked(request.model, order.source)
+        else:
+            metrics.key_expired(request.model)
         await self._tell(request, state.value)
         return await self._retain(request)
 
@@ -683,6 +698,9 @@ class KeyRequestWorkflow:
     def _set_state(self, state: RequestState) -> None:
         self._status.state = state
         self._status.updated_at = _iso(workflow.now())
+        if state not in self._counted:
+            self._counted.add(state)
+            metrics.state_entered(self._status, self._decision)
         # Every start by the API or the reconciler sets these attributes. A start without them
         # (a namespace where they were never created) must still run the request: upserting an
         # unknown attribute would fail every workflow task.

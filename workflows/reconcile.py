@@ -13,6 +13,8 @@ from datetime import timedelta
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 
+from workflows import metrics
+
 with workflow.unsafe.imports_passed_through():
     from activities.reconcile import ReconcileActivities
     from domain import RECONCILE_PHASES, ReconcileCounts, ReconcilePage
@@ -48,4 +50,5 @@ class ReconcileWorkflow:
         acted = total.resumed + total.relayed + total.corrected + total.adopted + total.skipped
         # Every APPROVAL_QUEUE_INTERVAL: a run that found nothing to do is not news.
         (workflow.logger.info if acted else workflow.logger.debug)("reconciled: %s", total)
+        metrics.reconciled(total)
         return total
