@@ -30,7 +30,7 @@ from temporalio.worker import Replayer
 from activities.kubernetes import SecretStore
 from activities.metrics import census
 from api.main import create_app
-from conftest import mail_to, unique_email, wait_until
+from conftest import mail_to, settled, unique_email, wait_until
 from connection import connect_temporal, start_key_request
 from devstack.http import free_port, serve_in_thread
 from domain import KeyRequest, Review, request_id_for, workflow_id
@@ -148,16 +148,13 @@ async def test_metrics_count_every_path_by_model_and_decision(observed, mail, te
     await handle.signal("deny", Review(reviewer="bob", reason="not this quarter"))
     for path, email in emails.items():
         await mail_to(mail, email)
-        await temporal_client.get_workflow_handle(workflow_id(ids[path])).result()
+        await settled(temporal_client, ids[path])  # past its email: on the key's timers now
     # A repeat of an approved request returns it: counted, but no new workflow.
     again = await submit(api, emails["admin-approved"])
     assert again["request_id"] == ids["admin-approved"]
 
     worker = await metric_reaches(
-        observed.worker_metrics,
-        "temporal_workflow_completed_total",
-        4,
-        workflow_type="KeyRequestWorkflow",
+        observed.worker_metrics, "llm_key_request_email_seconds_count", 4
     )
     assert value(worker, "llm_key_requests_started_total", model="gpt-4o") == 4
     decided = "llm_key_requests_decided_total"
@@ -186,7 +183,8 @@ async def test_metrics_count_every_path_by_model_and_decision(observed, mail, te
     api_found = samples(observed.api_metrics)
     submissions = "llm_key_api_submissions_total"
     assert value(api_found, submissions, model="gpt-4o", outcome="started") == 4
-    assert value(api_found, submissions, model="gpt-4o", outcome="pending") == 1
+    # The key is live and outside its renewal window: the answer reports it, nothing else.
+    assert value(api_found, submissions, model="gpt-4o", outcome="current") == 1
     requests = "llm_key_api_requests_total"
     assert value(api_found, requests, route="/api/request-key", method="POST", status="200") == 5
     assert value(api_found, "llm_key_api_request_seconds_count", route="/api/request-key") == 5
@@ -446,6 +444,7 @@ def test_the_api_process_exports_traces_by_otlp_logs_json_and_serves_metrics():
         **os.environ,
         "OTEL_EXPORTER_OTLP_ENDPOINT": served.url,
         "OTEL_BSP_SCHEDULE_DELAY": "100",  # export within a tenth of a second, not five
+        "ENVIRONMENT": "local",  # the built-in secrets will do here
         "LOG_FORMAT": "json",
         "METRICS_PORT": str(metrics_port),
         "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",  # nothing there; /api/models needs none

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
      ("LITELLM_TIMEOUT", "90s", "litellm.timeout (env LITELLM_TIMEOUT)")],
 )  # fmt: skip
 def test_a_timeout_longer_than_its_activity_is_refused_at_start(variable, value, named):
-    env = {"PATH": os.environ.get("PATH", ""), variable: value}
+    env = {"PATH": os.environ.get("PATH", ""), "ENVIRONMENT": "local", variable: value}
     done = subprocess.run(  # noqa: S603 - this Python, our own worker
         [sys.executable, "worker.py"], cwd=ROOT, env=env, capture_output=True, text=True,
         timeout=60,
