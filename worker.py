@@ -34,6 +34,7 @@ from activities.email import Mailer
 from activities.key_request import KeyRequestActivities
 from activities.kubernetes import SecretStore, core_api
 from activities.litellm import LiteLLMClient
+from activities.notify import NotifyActivities
 from activities.reconcile import ReconcileActivities
 from activities.transient import LogTransientFailures
 from connection import connect_temporal, ensure_search_attributes, tls_context
@@ -62,6 +63,7 @@ def build_activities(
     )
     requests = KeyRequestActivities(settings, store, litellm, mailer)
     reconcile = ReconcileActivities(settings, store, client)
+    notify = NotifyActivities(settings, store, mailer, http)
     return [
         requests.record_request,
         requests.evaluate_policy,
@@ -76,6 +78,9 @@ def build_activities(
         requests.delete_old_key,
         requests.delete_request,
         reconcile.reconcile_page,
+        notify.email_approvers,
+        notify.post_to_webhook,
+        notify.record_approvals,
     ]
 
 

@@ -135,6 +135,8 @@ def _out(status: RequestStatus, admin: bool = False) -> RequestStatusOut:
         cleanup_at=status.cleanup_at,
         requester=status.email if admin else "",
         justification=status.justification if admin else "",
+        approvals=status.approvals if admin else [],
+        approvals_needed=status.approvals_needed,
     )
 
 

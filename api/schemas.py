@@ -66,6 +66,10 @@ class RequestStatusOut(BaseModel):
     cleanup_at: str = Field(default="", description="When the finished request's Secret goes")
     requester: str = Field(default="", description="The requester's email (admin API only)")
     justification: str = Field(default="", description="The requester's reason (admin API only)")
+    approvals: list[str] = Field(
+        default_factory=list, description="Who has approved so far (admin API only)"
+    )
+    approvals_needed: int = Field(default=1, description="Distinct approvals the rule needs")
 
 
 class RequestPage(BaseModel):
