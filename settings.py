@@ -117,9 +117,9 @@ class ApprovalRule(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> ApprovalRule:
         where = f"rule {self.name!r}"
-        _check_addresses(self.notify, f"{where} notify")
-        _check_addresses(self.escalate_to, f"{where} escalate_to")
-        _check_webhook(self.webhook, f"{where} webhook")
+        _check_addresses(self.notify, f"{where} notify: ")
+        _check_addresses(self.escalate_to, f"{where} escalate_to: ")
+        _check_webhook(self.webhook, f"{where} webhook: ")
         if not self.models and not self.email_domains:
             raise ValueError(
                 f"rule {self.name!r} has no condition; give it `models` or `email_domains` "
@@ -150,14 +150,12 @@ _ADDRESS = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 def _check_addresses(addresses: tuple[str, ...], where: str) -> None:
     for address in addresses:
         if not _ADDRESS.match(address):
-            raise ValueError(f"{where}: {address!r} is not an email address, e.g. a@example.com")
+            raise ValueError(f"{where}{address!r} is not an email address, e.g. a@example.com")
 
 
 def _check_webhook(url: str, where: str) -> None:
     if url and not re.match(r"^https?://[^/\s]+", url):
-        raise ValueError(
-            f"{where}: {url!r} is not an http(s) URL, e.g. https://hooks.example.com/T0"
-        )
+        raise ValueError(f"{where}{url!r} is not an http(s) URL, e.g. https://hooks.example.com/T0")
 
 
 def _domain_matches(domain: str, pattern: str) -> bool:
@@ -368,13 +366,13 @@ class Settings(BaseSettings):
     @field_validator("approval_notify", "approval_escalate_to")
     @classmethod
     def _addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        _check_addresses(value, "every entry")
+        _check_addresses(value, "")
         return value
 
     @field_validator("approval_webhook")
     @classmethod
     def _webhook(cls, value: str) -> str:
-        _check_webhook(value, "the webhook")
+        _check_webhook(value, "")
         return value
 
     @field_validator("auth_oidc_issuer", "auth_oidc_jwks_url")

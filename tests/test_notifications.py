@@ -263,3 +263,24 @@ async def _with_approvals(handle) -> RequestStatus | None:
 async def _on_key_timers(handle) -> RequestStatus | None:
     status = await status_of(handle)
     return status if status.next_reminder else None
+
+
+def test_notification_settings_are_checked_at_start_naming_the_field():
+    from settings import ConfigError, load_settings
+
+    with pytest.raises(ConfigError) as bad:
+        load_settings(
+            approval_webhook="ftp://hooks.example.com",
+            approval_escalate_to=("not-an-address",),
+            approval_remind_after="0s",
+            approval_rules=({"name": "r", "models": ["gpt-4o"], "decision": "manual",
+                             "approvals": 0, "notify": ["nobody"]},),
+        )  # fmt: skip
+    message = str(bad.value)
+    for expected in (
+        "approval.webhook (env APPROVAL_WEBHOOK): 'ftp://hooks.example.com' is not an http(s) URL",
+        "approval.escalate_to (env APPROVAL_ESCALATE_TO): 'not-an-address' is not an email",
+        "approval.remind_after (env APPROVAL_REMIND_AFTER): must be longer than 0s",
+        "approval.rules[0].approvals",
+    ):
+        assert expected in message, message
