@@ -21,6 +21,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.kubernetes import SecretStore
 from conftest import RULES, secret_of, unique_email, wait_until
+from devstack.mail import MailSink
 from devstack.temporal import binary
 from domain import (
     QUERY_STATUS,
@@ -253,6 +254,70 @@ async def test_a_webhook_that_is_down_never_holds_up_the_request(
         assert status.state is RequestState.APPROVED
         stop.set()
         await worker
+
+
+async def test_a_mail_server_that_is_down_never_holds_up_the_decision(
+    settings, core_api, kube, litellm
+):
+    sink = MailSink()  # not started: the mail server refuses every connection
+    down = settings.model_copy(
+        update={
+            "temporal_task_queue": f"ts-{uuid.uuid4()}",
+            "smtp_host": sink.host,
+            "smtp_port": sink.port,
+            "approval_acknowledge": True,
+            "approval_rules": (
+                *RULES,
+                ApprovalRule(
+                    name="mail-down",
+                    email_domains=("maildown.example.com",),
+                    decision="manual",
+                    approvers=(LEAD,),
+                ),
+            ),
+        }
+    )
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=binary("temporal-test-server")
+    )
+    stop = asyncio.Event()
+    async with env:
+        worker = asyncio.create_task(
+            run_worker(down, env.client, SecretStore(core_api, down.namespace), stop)
+        )
+        try:
+            email = unique_email("maildown.example.com")
+            request_id = request_id_for(email, "gpt-4o", f"mail-down-{uuid.uuid4()}")
+            handle = await env.client.start_workflow(
+                KeyRequestWorkflow.run,
+                KeyRequest(request_id, email, "gpt-4o", "2026-01-01T00:00:00Z"),
+                id=workflow_id(request_id),
+                task_queue=down.temporal_task_queue,
+            )
+
+            async def mail_failing():
+                pending = (await handle.describe()).raw_description.pending_activities
+                return [a for a in pending if a.activity_type.name == "email_approvers"
+                        and a.last_failure.message]  # fmt: skip
+
+            await wait_until(mail_failing, 30, "the approvers' email to fail and be retried")
+            # The decision is taken and the key minted while the notifications still fail.
+            await handle.signal(SIGNAL_APPROVE, Review("alice"))
+
+            async def minted():
+                status = await status_of(handle)
+                return status if status.state is RequestState.APPROVED else None
+
+            assert (await wait_until(minted, 30, "the key to be minted")).key_expires
+            sink.start()  # the mail server is back: the key is delivered, once
+            [key_mail] = await wait_until(lambda: approved(sink, request_id), 60, "the key")
+            assert KEY.search(plain(key_mail))
+            # Decided: the notifications still under way were called off, not sent late.
+            assert not [m for m in sink.messages if ".approval-" in m["Message-ID"]]
+        finally:
+            sink.stop()
+            stop.set()
+            await worker
 
 
 async def _with_approvals(handle) -> RequestStatus | None:
