@@ -178,6 +178,10 @@ async def test_an_undecided_renewal_outlives_the_key_and_goes_on_as_a_new_cycle(
         update={
             "approval_rules": rules,
             "approval_deadline": timedelta(days=7),
+            # No approver reminder or escalation timers: the skipped clock would run to them
+            # while cycle 2 waits, past the stand-in's wall-clock expiry of the new key.
+            "approval_remind_after": None,
+            "approval_escalate_after": None,
             "litellm_key_duration": timedelta(days=30),
             "lifecycle_remind_before": (timedelta(days=2),),
             "temporal_task_queue": f"ts-{uuid.uuid4()}",
