@@ -27,6 +27,7 @@ KEY_EXPIRED = "key.expired"
 KEY_DELETED = "key.deleted"  # an old key removed from LiteLLM (rotation grace over, cleanup)
 SECRET_DELETED = "secret.deleted"  # noqa: S105 - a finished request's Secret removed after retention
 DECISION_REFUSED = "decision.refused"  # a person may not decide this request (own, not approver)
+APPROVAL_RECORDED = "request.approval"  # one of several approvals a rule needs
 
 # The paths a decision or change can come through.
 SOURCES = ("policy", "api", "web", "signal", "kubectl", "reconciler", "timer")

@@ -140,5 +140,12 @@ async def start_key_request(
             ]
         ),
         rpc_timeout=rpc_timeout,
+        # What the Temporal Web UI lists: the model, never the email.
+        static_summary=f"LLM key request: {request.model}",
+        static_details=(
+            f"Key request `{request.request_id}` for the model **{request.model}**, "
+            f"submitted {request.requested_at}. The workflow's current details say its state, "
+            "approvals and deadline."
+        ),
         **(signal_args if signal else {}),
     )

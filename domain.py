@@ -68,6 +68,9 @@ UPDATE_RESUBMIT = "resubmit"
 PATCH_KEY_LIFECYCLE = "key-lifecycle"
 PATCH_SECRET_MISSING = "secret-missing"  # noqa: S105 - a patch id
 PATCH_MAIL_REJECTED = "mail-rejected"
+# A request waiting for people tells them (email, webhook, reminder, escalation) and records
+# each approval as it comes (PRODUCT.md, "People").
+PATCH_APPROVER_NOTIFICATIONS = "approver-notifications"
 SA_STATE = SearchAttributeKey.for_keyword("KeyRequestState")
 SA_MODEL = SearchAttributeKey.for_keyword("KeyRequestModel")
 SEARCH_ATTRIBUTES = (SA_STATE, SA_MODEL)
@@ -144,6 +147,8 @@ class Decision:
     # policy, api, signal or kubectl: how the decision reached the workflow.
     source: str = ""
     decided_at: str = ""
+    # Every approver's identity, in order, when the rule needs several (the last is `reviewer`).
+    approvals: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -165,6 +170,12 @@ class PolicyOutcome:
     rule: str = ""
     # How long a manual decision may take; config is read in the activity, not the workflow.
     wait_seconds: int = 0
+    # Distinct approvals a manual decision needs (the rule's `approvals`).
+    approvals: int = 1
+    # When approvers are reminded, and when the rule's escalate_to list is told, after the
+    # request began waiting; 0: never.
+    remind_seconds: int = 0
+    escalate_seconds: int = 0
 
 
 @dataclass
@@ -213,6 +224,9 @@ class RequestStatus:
     decision: str = ""
     # The mail server refused an email for good (5xx): which one, and its answer.
     notification_failed: str = ""
+    # Who has approved so far (identities, never the requester's email), and how many must.
+    approvals: list[str] = field(default_factory=list)
+    approvals_needed: int = 1
 
 
 @dataclass
@@ -303,6 +317,22 @@ class HolderNotice:
     kind: str  # reminder, renewed, renewal-denied, rotated, revoked, key-expired
     cycle: int
     detail: str = ""  # reminder: which point (e.g. "7d")
+
+
+@dataclass
+class ApproverNotice:
+    """One notification about a request waiting for people; kind names it.
+
+    waiting (the rule's approvers), reminder (the same people, later), escalation (the rule's
+    escalate_to), acknowledgement (the requester, naming who will decide).
+    """
+
+    request_id: str
+    kind: str
+    cycle: int = 1
+    deadline: str = ""
+    approvals: list[str] = field(default_factory=list)
+    approvals_needed: int = 1
 
 
 # The reconciler.

@@ -103,9 +103,23 @@ class ApprovalRule(BaseModel):
     # Who may decide a request this rule leaves to a person: emails and/or group names.
     # Empty: approval.approvers.
     approvers: tuple[str, ...] = ()
+    # Distinct approvals a request needs; one denial denies. Unset: approval.approvals.
+    approvals: int | None = Field(default=None, ge=1, le=20)
+    # Who is emailed when a request waits (groups cannot be emailed): the approvers that are
+    # email addresses, plus these. Unset: approval.notify.
+    notify: tuple[str, ...] = ()
+    # Told when the request still waits after approval.escalate_after. Unset:
+    # approval.escalate_to.
+    escalate_to: tuple[str, ...] = ()
+    # A Slack-compatible incoming webhook that gets the same messages. Unset: approval.webhook.
+    webhook: str = ""
 
     @model_validator(mode="after")
     def _check(self) -> ApprovalRule:
+        where = f"rule {self.name!r}"
+        _check_addresses(self.notify, f"{where} notify: ")
+        _check_addresses(self.escalate_to, f"{where} escalate_to: ")
+        _check_webhook(self.webhook, f"{where} webhook: ")
         if not self.models and not self.email_domains:
             raise ValueError(
                 f"rule {self.name!r} has no condition; give it `models` or `email_domains` "
@@ -128,6 +142,20 @@ class ApprovalRule(BaseModel):
         ):
             return False
         return True
+
+
+_ADDRESS = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+def _check_addresses(addresses: tuple[str, ...], where: str) -> None:
+    for address in addresses:
+        if not _ADDRESS.match(address):
+            raise ValueError(f"{where}{address!r} is not an email address, e.g. a@example.com")
+
+
+def _check_webhook(url: str, where: str) -> None:
+    if url and not re.match(r"^https?://[^/\s]+", url):
+        raise ValueError(f"{where}{url!r} is not an http(s) URL, e.g. https://hooks.example.com/T0")
 
 
 def _domain_matches(domain: str, pattern: str) -> bool:
@@ -174,6 +202,16 @@ class Settings(BaseSettings):
     approval_rules: tuple[ApprovalRule, ...] = ()
     # Approvers of requests whose rule names none (emails and/or group names).
     approval_approvers: tuple[str, ...] = ()
+    # Approver notifications (README: "Approvers are told"): the defaults of the rules' own
+    # `approvals`, `notify`, `escalate_to` and `webhook`, and the timers of a waiting request.
+    approval_approvals: int = Field(default=1, ge=1, le=20)
+    approval_notify: tuple[str, ...] = ()
+    approval_escalate_to: tuple[str, ...] = ()
+    approval_webhook: str = ""
+    # The requester is told, when their request starts waiting, who will decide it.
+    approval_acknowledge: bool = True
+    approval_remind_after: OptionalDuration = timedelta(days=2)
+    approval_escalate_after: OptionalDuration = timedelta(days=4)
 
     smtp_host: str = "localhost"
     smtp_port: int = Field(default=587, ge=1, le=65535)
@@ -205,6 +243,8 @@ class Settings(BaseSettings):
     api_max_body_bytes: int = Field(default=16384, ge=1024)
     # How long POST /api/request-key waits for the policy's decision before answering.
     api_decision_wait: Duration = timedelta(milliseconds=500)
+    # Where people reach the web pages: the base of the inbox link in approvers' emails.
+    api_public_url: str = "http://localhost:8000"
 
     # A submission this soon after a denial is refused (429) instead of starting over.
     approval_resubmit_after: Duration = timedelta(hours=24)
@@ -256,6 +296,8 @@ class Settings(BaseSettings):
         "smtp_timeout",
         "lifecycle_retention",
         "auth_session_lifetime",
+        "approval_remind_after",
+        "approval_escalate_after",
     )
     @classmethod
     def _durations_positive(cls, value: timedelta | None) -> timedelta | None:
@@ -320,6 +362,25 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"{cidr!r} is not an address or CIDR, e.g. 10.0.0.0/8 or 127.0.0.1"
                 ) from None
+        return value
+
+    @field_validator("api_public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"{value!r} is not an http(s) URL, e.g. https://keys.example.com")
+        return value.rstrip("/")
+
+    @field_validator("approval_notify", "approval_escalate_to")
+    @classmethod
+    def _addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        _check_addresses(value, "")
+        return value
+
+    @field_validator("approval_webhook")
+    @classmethod
+    def _webhook(cls, value: str) -> str:
+        _check_webhook(value, "")
         return value
 
     @field_validator("auth_oidc_issuer", "auth_oidc_jwks_url")
@@ -400,11 +461,34 @@ class Settings(BaseSettings):
         reason = self.approval_default_reason if self.approval_default == "deny" else ""
         return self.approval_default, reason, "default"
 
+    def rule_for(self, email: str, model: str) -> ApprovalRule | None:
+        """The first matching rule; None when the default decides."""
+        _, _, rule_name = self.decide(email, model)
+        return next((r for r in self.approval_rules if r.name == rule_name), None)
+
     def approvers_for(self, email: str, model: str) -> tuple[str, ...]:
         """Who may decide the request (emails and/or groups): its rule's, else the default."""
-        _, _, rule_name = self.decide(email, model)
-        rule = next((r for r in self.approval_rules if r.name == rule_name), None)
+        rule = self.rule_for(email, model)
         return (rule.approvers if rule else ()) or self.approval_approvers
+
+    def approvals_for(self, email: str, model: str) -> int:
+        rule = self.rule_for(email, model)
+        return (rule.approvals if rule else None) or self.approval_approvals
+
+    def notify_for(self, email: str, model: str) -> tuple[str, ...]:
+        """Who is emailed when the request waits: approvers that are addresses, and `notify`."""
+        rule = self.rule_for(email, model)
+        listed = (rule.notify if rule else ()) or self.approval_notify
+        addresses = [a for a in self.approvers_for(email, model) if "@" in a] + list(listed)
+        return tuple(dict.fromkeys(a.lower() for a in addresses))
+
+    def escalate_to_for(self, email: str, model: str) -> tuple[str, ...]:
+        rule = self.rule_for(email, model)
+        return (rule.escalate_to if rule else ()) or self.approval_escalate_to
+
+    def webhook_for(self, email: str, model: str) -> str:
+        rule = self.rule_for(email, model)
+        return (rule.webhook if rule else "") or self.approval_webhook
 
     @property
     def namespace(self) -> str:

@@ -35,6 +35,7 @@ from activities.key_request import KeyRequestActivities
 from activities.kubernetes import SecretStore, core_api
 from activities.litellm import LiteLLMClient
 from activities.metrics import FailureMetrics, run_census
+from activities.notify import NotifyActivities
 from activities.reconcile import ReconcileActivities
 from activities.transient import LogTransientFailures
 from connection import connect_temporal, ensure_search_attributes, tls_context
@@ -65,6 +66,7 @@ def build_activities(
     )
     requests = KeyRequestActivities(settings, store, litellm, mailer)
     reconcile = ReconcileActivities(settings, store, client)
+    notify = NotifyActivities(settings, store, mailer, http)
     return [
         requests.record_request,
         requests.evaluate_policy,
@@ -79,6 +81,9 @@ def build_activities(
         requests.delete_old_key,
         requests.delete_request,
         reconcile.reconcile_page,
+        notify.email_approvers,
+        notify.post_to_webhook,
+        notify.record_approvals,
     ]
 
 

@@ -280,12 +280,16 @@ class KeyRequestActivities:
     @heartbeating
     async def evaluate_policy(self, request: KeyRequest) -> PolicyOutcome:
         """Apply config.yaml's approval rules; read here so a restart picks up new rules."""
-        decision, reason, rule = self.settings.decide(request.email, request.model, request.renewal)
+        s = self.settings
+        decision, reason, rule = s.decide(request.email, request.model, request.renewal)
         return PolicyOutcome(
             decision=decision,
             reason=reason,
             rule=rule,
-            wait_seconds=int(self.settings.approval_deadline.total_seconds()),
+            wait_seconds=int(s.approval_deadline.total_seconds()),
+            approvals=s.approvals_for(request.email, request.model),
+            remind_seconds=_whole_seconds(s.approval_remind_after),
+            escalate_seconds=_whole_seconds(s.approval_escalate_after),
         )
 
     @activity.defn
@@ -662,6 +666,10 @@ def _until(expires: str) -> int | None:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return int((moment - datetime.now(UTC)).total_seconds())
+
+
+def _whole_seconds(duration) -> int:
+    return 0 if duration is None else int(duration.total_seconds())
 
 
 def _seconds(duration) -> str | None:

@@ -148,6 +148,8 @@ def _out(status: RequestStatus, settings: Settings, admin: bool = False) -> Requ
         justification=status.justification if admin else "",
         notification_failed=status.notification_failed,
         web_ui_url=web_ui_url(settings, workflow_id(status.request_id)),
+        approvals=status.approvals if admin else [],
+        approvals_needed=status.approvals_needed,
     )
 
 

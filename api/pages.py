@@ -271,7 +271,10 @@ async def inbox(request: Request, decided: str = "") -> Response:
     for status in sorted(pending, key=lambda r: r.requested_at):
         own = bool(status.email) and status.email.lower() == principal.email.lower()
         mine = principal.is_one_of(settings.approvers_for(status.email, status.model))
-        rows.append({"status": status, "own": own, "may_decide": mine and not own})
+        approved = principal.reviewer.lower() in (a.lower() for a in status.approvals)
+        rows.append(
+            {"status": status, "own": own, "may_decide": mine and not own, "approved": approved}
+        )
     return render(
         request,
         "inbox.html",

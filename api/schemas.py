@@ -73,6 +73,10 @@ class RequestStatusOut(BaseModel):
         default=None,
         description="The request's runs in the Temporal Web UI, when TEMPORAL_UI_URL is set",
     )
+    approvals: list[str] = Field(
+        default_factory=list, description="Who has approved so far (admin API only)"
+    )
+    approvals_needed: int = Field(default=1, description="Distinct approvals the rule needs")
 
 
 class RequestPage(BaseModel):

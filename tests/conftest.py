@@ -48,6 +48,10 @@ RULES = (
         decision="deny",
         reason="Requests from deny.example.com are not allowed.",
     ),
+    # Two approvers must approve (tests/test_approvals_several.py).
+    ApprovalRule(
+        name="two-approvers", email_domains=("two.example.com",), decision="manual", approvals=2
+    ),
 )
 
 
@@ -133,6 +137,8 @@ def settings(temporal_server, kube, litellm, mail) -> Settings:
         approval_queue_interval="24h",
         admin_token=ADMIN_TOKEN,
         environment="local",
+        # Tests count each requester's mails; tests/test_notifications.py turns this on.
+        approval_acknowledge=False,
     )
 
 

@@ -213,6 +213,7 @@ async def stack(tmp_path_factory) -> AsyncIterator[Stack]:
             "KUBECONFIG": str(kubeconfig),
             "KUBERNETES_NAMESPACE": NAMESPACE,
             "APPROVAL_QUEUE_INTERVAL": "24h",
+            "APPROVAL_ACKNOWLEDGE": "false",  # the requesters' mails are counted
             "ENVIRONMENT": "local",
         }
         settings = load_settings(

@@ -183,6 +183,11 @@ async def test_an_undecided_renewal_outlives_the_key_and_goes_on_as_a_new_cycle(
         update={
             "approval_rules": rules,
             "approval_deadline": timedelta(days=7),
+            # Only the key's timers: an approver reminder or escalation timer while cycle 2
+            # waits would let the skipped clock run further past the stand-in's wall-clock
+            # expiry of the new key (tests/test_notifications.py covers those timers).
+            "approval_remind_after": None,
+            "approval_escalate_after": None,
             "litellm_key_duration": timedelta(days=30),
             "lifecycle_remind_before": (timedelta(days=2),),
             "temporal_task_queue": f"ts-{uuid.uuid4()}",

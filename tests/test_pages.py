@@ -247,3 +247,35 @@ async def test_swagger_ui_renders_offline(context):
     await page.locator(".swagger-ui .info .title").get_by_text("LLM Key Requestor").wait_for()
     await page.get_by_text("/api/request-key").first.wait_for()
     await screenshot(page, "docs")
+
+
+async def test_two_approvers_each_approve_from_the_inbox(
+    context, browser, signon_url, signon_api, mail
+):
+    """A rule with `approvals: 2` (two.example.com): one approval leaves the request waiting,
+    with the approver named in the inbox; a second approver, in their own session, ends it."""
+    email = unique_email("two.example.com")
+    response = await signon_api.post("/api/request-key", json={"email": email, "llm": "gpt-4o"})
+    request_id = response.json()["request_id"]
+    page = await context.new_page()
+    await sign_in(page)
+    entry = page.locator("section.request", has=page.locator(f"#req-{request_id}"))
+    await entry.get_by_text("none yet (0 of 2)").wait_for()
+    await entry.get_by_role("button", name="Approve").click()
+    await page.get_by_text(f"Your decision on request {request_id} was recorded.").wait_for()
+    await entry.get_by_text(f"{APPROVER} (1 of 2)").wait_for()
+    await entry.get_by_text("You approved this request").wait_for()
+    assert await entry.get_by_role("button", name="Approve").count() == 0
+    assert (await signon_api.get(f"/api/requests/{request_id}")).json()["state"] == "pending"
+
+    second = await browser.new_context(base_url=signon_url)
+    try:
+        other = await second.new_page()
+        await sign_in(other, "second.approver@example.com", APPROVERS_GROUP)
+        entry = other.locator("section.request", has=other.locator(f"#req-{request_id}"))
+        await entry.get_by_role("button", name="Approve").click()
+        await other.get_by_text(f"Your decision on request {request_id} was recorded.").wait_for()
+    finally:
+        await second.close()
+    [message] = await mail_to(mail, email)
+    assert KEY.search(plain(message))

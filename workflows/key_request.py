@@ -6,6 +6,7 @@ so a worker restarted with a new config.yaml never changes the path of a running
 
 from __future__ import annotations
 
+import asyncio
 import math
 from datetime import datetime, timedelta
 
@@ -17,8 +18,10 @@ from workflows import metrics
 
 with workflow.unsafe.imports_passed_through():
     from activities.key_request import KeyRequestActivities
+    from activities.notify import NotifyActivities
     from domain import (
         DECLARED_PREFIX,
+        PATCH_APPROVER_NOTIFICATIONS,
         PATCH_KEY_LIFECYCLE,
         PATCH_MAIL_REJECTED,
         PATCH_SECRET_MISSING,
@@ -33,6 +36,7 @@ with workflow.unsafe.imports_passed_through():
         UPDATE_RESUBMIT,
         UPDATE_REVOKE,
         UPDATE_ROTATE,
+        ApproverNotice,
         Decision,
         FinalState,
         HolderNotice,
@@ -87,6 +91,18 @@ EMAIL = dict(
         maximum_interval=timedelta(minutes=5), non_retryable_error_types=["KubernetesRejected"]
     ),
 )
+# Telling people a request waits: a few attempts within a bounded time, then the workflow logs
+# the failure and goes on. A decision never waits for a notification.
+NOTIFY = dict(
+    start_to_close_timeout=timedelta(seconds=60),
+    schedule_to_close_timeout=timedelta(minutes=15),
+    heartbeat_timeout=HEARTBEAT,
+    retry_policy=RetryPolicy(
+        maximum_attempts=5,
+        maximum_interval=timedelta(minutes=2),
+        non_retryable_error_types=["WebhookRejected", "RequestGone"],
+    ),
+)
 
 
 @workflow.defn
@@ -124,6 +140,10 @@ class KeyRequestWorkflow:
         self._counted: set[RequestState] = set()
         if request.life is not None:
             self._counted = {RequestState.PENDING, RequestState.APPROVED}
+        # Approvals so far (identities), and how many the rule needs: 1 until the policy says.
+        self._approvals: list[Review] = []
+        self._needed = 1
+        self._telling: list[asyncio.Task] = []  # notifications under way while people decide
 
     @workflow.run
     async def run(self, request: KeyRequest) -> FinalState:
@@ -234,6 +254,7 @@ class KeyRequestWorkflow:
         outcome = await workflow.execute_activity_method(
             KeyRequestActivities.evaluate_policy, request, **SHORT_CALLS
         )
+        self._needed = self._status.approvals_needed = outcome.approvals
         if self._decision is None and outcome.decision != "manual":
             self._decide(
                 Decision(
@@ -248,6 +269,10 @@ class KeyRequestWorkflow:
             self._status.deadline = _iso(workflow.now() + deadline)
             if until is not None:
                 deadline = max(min(deadline, until - workflow.now()), timedelta(seconds=1))
+            self._show_details()
+            if workflow.patched(PATCH_APPROVER_NOTIFICATIONS):
+                return await self._wait_for_people(request, outcome.remind_seconds,
+                                                   outcome.escalate_seconds, deadline)  # fmt: skip
             try:
                 await workflow.wait_condition(
                     lambda: self._decision is not None or (revocable and self._revocation),
@@ -257,6 +282,82 @@ class KeyRequestWorkflow:
                 self._expired = True  # from here on, a late decision is refused
                 return None
         return self._decision
+
+    # Waiting for people (PRODUCT.md, "People"). Runs only in workflows that passed
+    # workflow.patched(PATCH_APPROVER_NOTIFICATIONS): requests already waiting when it landed
+    # keep their single timer.
+
+    async def _wait_for_people(
+        self, request: KeyRequest, remind: int, escalate: int, wait: timedelta
+    ) -> Decision | None:
+        """Tell the approvers and the requester, remind, escalate, and record each approval,
+        until a decision or the deadline (None)."""
+        start = workflow.now()
+        due = start + wait
+        recorded = await self._record_approvals(request)
+        self._tell_people(request, "acknowledgement")
+        self._tell_people(request, "waiting")
+        timers = sorted(
+            (start + timedelta(seconds=after), kind)
+            for kind, after in (("reminder", remind), ("escalation", escalate))
+            if after and start + timedelta(seconds=after) < due
+        )
+        while self._decision is None:
+            now = workflow.now()
+            if self._approvals != recorded:
+                recorded = await self._record_approvals(request)
+            elif timers and timers[0][0] <= now:
+                self._tell_people(request, timers.pop(0)[1])
+            elif now >= due:
+                self._expired = True  # from here on, a late decision is refused
+                break
+            else:
+                wake = min([due, *(at for at, _ in timers[:1])])
+                try:
+                    await workflow.wait_condition(
+                        lambda n=recorded: self._decision is not None or self._approvals != n,
+                        timeout=wake - now,
+                    )
+                except TimeoutError:
+                    pass
+        for task in self._telling:
+            task.cancel()  # decided or expired: nobody needs telling any more
+        self._telling = []
+        if self._decision is not None and self._approvals != recorded:
+            await self._record_approvals(request)
+        return self._decision
+
+    def _notice(self, request: KeyRequest, kind: str) -> ApproverNotice:
+        return ApproverNotice(
+            request.request_id, kind, request.cycle, self._status.deadline,
+            [a.reviewer for a in self._approvals], self._needed,
+        )  # fmt: skip
+
+    async def _record_approvals(self, request: KeyRequest) -> list[Review]:
+        approvals = list(self._approvals)
+        await workflow.execute_activity_method(
+            NotifyActivities.record_approvals, self._notice(request, "approvals"), **SHORT_CALLS
+        )
+        return approvals
+
+    def _tell_people(self, request: KeyRequest, kind: str) -> None:
+        """Start a notification without waiting for it; a failure is logged, never raised."""
+        notice = self._notice(request, kind)
+        self._telling.append(asyncio.create_task(self._send(NotifyActivities.email_approvers,
+                                                            notice)))  # fmt: skip
+        if kind != "acknowledgement":
+            self._telling.append(
+                asyncio.create_task(self._send(NotifyActivities.post_to_webhook, notice))
+            )
+
+    async def _send(self, activity, notice: ApproverNotice) -> None:
+        try:
+            await workflow.execute_activity_method(activity, notice, **NOTIFY)
+        except ActivityError as err:
+            cause = err.cause.message if isinstance(err.cause, ApplicationError) else str(err)
+            workflow.logger.warning("request %s: %s (%s) not sent, the request goes on: %s",
+                                    notice.request_id, notice.kind, activity.__name__,
+                                    cause)  # fmt: skip
 
     async def _close(self, request: KeyRequest, state: RequestState, reason: str) -> FinalState:
         self._status.reason = reason
@@ -423,6 +524,7 @@ class KeyRequestWorkflow:
         )  # fmt: skip
         granted = self._decision
         self._decision, self._expired = None, False
+        self._approvals, self._status.approvals = [], []
         expires = _parse(status.key_expires)
         decision = await self._decision_for(renewal, until=expires, revocable=True)
         self._renewal, self._renewing = None, False
@@ -683,7 +785,20 @@ class KeyRequestWorkflow:
                 self._closed_to_decisions(),
             )
             return
-        self._decide(Decision(approved, review.reviewer, review.reason, source))
+        if not approved:
+            self._decide(Decision(False, review.reviewer, review.reason, source))
+            return
+        # One denial denies; approvals add up to the rule's `approvals`, each person once.
+        identity = review.reviewer.strip().lower()
+        if any(a.reviewer.strip().lower() == identity for a in self._approvals):
+            workflow.logger.info("ignoring a second approval from %r", review.reviewer)
+            return
+        self._approvals.append(review)
+        self._status.approvals = [a.reviewer for a in self._approvals]
+        if len(self._approvals) >= self._needed:
+            approvals = self._status.approvals if self._needed > 1 else []
+            self._decide(Decision(True, review.reviewer, review.reason, source, "", approvals))
+        self._show_details()
 
     def _decide(self, decision: Decision) -> None:
         if not decision.decided_at:
@@ -695,12 +810,29 @@ class KeyRequestWorkflow:
         self._status.decision_source = decision.source
         self._status.decision = "approved" if decision.approved else "denied"
 
+    def _show_details(self) -> None:
+        """What the Temporal Web UI shows on the workflow's page: never the email or the key."""
+        status = self._status
+        lines = [f"**{status.model}** key request: **{status.state.value}**"]
+        if status.state is RequestState.PENDING:
+            done = ", ".join(status.approvals) or "none yet"
+            count = f"{len(status.approvals)} of {status.approvals_needed}"
+            lines.append(f"Approvals: {done} ({count})")
+            if status.deadline:
+                lines.append(f"Deadline: {status.deadline}")
+        elif status.decision:
+            lines.append(f"Decision: {status.decision} by {status.reviewer}")
+        if status.key_expires:
+            lines.append(f"Key expires: {status.key_expires}")
+        workflow.set_current_details("\n\n".join(lines))
+
     def _set_state(self, state: RequestState) -> None:
         self._status.state = state
         self._status.updated_at = _iso(workflow.now())
         if state not in self._counted:
             self._counted.add(state)
             metrics.state_entered(self._status, self._decision)
+        self._show_details()
         # Every start by the API or the reconciler sets these attributes. A start without them
         # (a namespace where they were never created) must still run the request: upserting an
         # unknown attribute would fail every workflow task.
