@@ -272,7 +272,8 @@ class KeyRequestWorkflow:
             self._show_details()
             if workflow.patched(PATCH_APPROVER_NOTIFICATIONS):
                 return await self._wait_for_people(request, outcome.remind_seconds,
-                                                   outcome.escalate_seconds, deadline)  # fmt: skip
+                                                   outcome.escalate_seconds, deadline,
+                                                   revocable)  # fmt: skip
             try:
                 await workflow.wait_condition(
                     lambda: self._decision is not None or (revocable and self._revocation),
@@ -288,10 +289,20 @@ class KeyRequestWorkflow:
     # keep their single timer.
 
     async def _wait_for_people(
-        self, request: KeyRequest, remind: int, escalate: int, wait: timedelta
+        self,
+        request: KeyRequest,
+        remind: int,
+        escalate: int,
+        wait: timedelta,
+        revocable: bool = False,
     ) -> Decision | None:
         """Tell the approvers and the requester, remind, escalate, and record each approval,
-        until a decision or the deadline (None)."""
+        until a decision or the deadline (None); also None if `revocable` and a revocation
+        came first (a renewal waiting for people, on a key that is revoked meanwhile)."""
+
+        def revoked() -> bool:
+            return revocable and self._revocation is not None
+
         start = workflow.now()
         due = start + wait
         recorded = await self._record_approvals(request)
@@ -302,7 +313,7 @@ class KeyRequestWorkflow:
             for kind, after in (("reminder", remind), ("escalation", escalate))
             if after and start + timedelta(seconds=after) < due
         )
-        while self._decision is None:
+        while self._decision is None and not revoked():
             now = workflow.now()
             if self._approvals != recorded:
                 recorded = await self._record_approvals(request)
@@ -315,7 +326,9 @@ class KeyRequestWorkflow:
                 wake = min([due, *(at for at, _ in timers[:1])])
                 try:
                     await workflow.wait_condition(
-                        lambda n=recorded: self._decision is not None or self._approvals != n,
+                        lambda n=recorded: (
+                            self._decision is not None or self._approvals != n or revoked()
+                        ),
                         timeout=wake - now,
                     )
                 except TimeoutError:
