@@ -9,7 +9,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import timedelta
 from typing import Annotated
 
@@ -122,34 +122,19 @@ def _out(status: RequestStatus, settings: Settings, admin: bool = False) -> Requ
             revoked_by="",
             revocation_reason="",
             notification_failed="",
+            approvals=[],
         )
-    return RequestStatusOut(
-        request_id=status.request_id,
-        state=str(status.state),
-        model=status.model,
-        requested_at=status.requested_at,
-        updated_at=status.updated_at,
-        decided_at=status.decided_at,
-        decision_source=status.decision_source,
-        reviewer=status.reviewer,
-        reason=status.reason,
-        decision=status.decision,
-        key_expires=status.key_expires,
-        deadline=status.deadline,
-        workflow_id=workflow_id(status.request_id),
-        cycle=status.cycle,
-        next_reminder=status.next_reminder,
-        revoked_at=status.revoked_at,
-        revoked_by=status.revoked_by,
-        revocation_reason=status.revocation_reason,
-        rotated_at=status.rotated_at,
-        cleanup_at=status.cleanup_at,
-        requester=status.email if admin else "",
-        justification=status.justification if admin else "",
-        notification_failed=status.notification_failed,
-        web_ui_url=web_ui_url(settings, workflow_id(status.request_id)),
-        approvals=status.approvals if admin else [],
-        approvals_needed=status.approvals_needed,
+    # The answer is the workflow's status (fields it does not declare, such as the email,
+    # are left out), plus what only the API adds.
+    return RequestStatusOut.model_validate(
+        {
+            **asdict(status),
+            "state": str(status.state),
+            "workflow_id": workflow_id(status.request_id),
+            "requester": status.email if admin else "",
+            "justification": status.justification if admin else "",
+            "web_ui_url": web_ui_url(settings, workflow_id(status.request_id)),
+        }
     )
 
 

@@ -297,7 +297,10 @@ async def test_an_expired_key_is_deleted_and_renewing_it_mints_a_new_one_once(
 
     # curl -X POST $API/api/request-key -d '{"email": ..., "llm": "gpt-4o"}': a renewal.
     renewal = await submit(short, email)
-    assert renewal["request_id"] == request_id and renewal["status"] == "pending"
+    # A fresh cycle, not "already approved"; how far the policy got within the API's short
+    # wait for its answer depends on timing.
+    assert renewal["request_id"] == request_id and renewal["status"] in ("pending", "approved")
+    assert "already" not in renewal["message"]
     new_mail = (await mail_to(mail, email, 4))[3]
     second = KEY.search(plain(new_mail)).group(0)
     assert second != first and (await key_info(litellm, second)) is not None
@@ -317,7 +320,8 @@ async def test_a_denied_request_asked_for_again_after_the_cooldown_is_a_new_cycl
     await mail_to(mail, email)
     await settled(temporal_client, request_id)
     again = await submit(short, email)
-    assert again["status"] == "pending" and "Request received" in again["message"]
+    # A new cycle: answered as new, whether or not the policy has spoken yet.
+    assert again["status"] in ("pending", "denied") and "already" not in again["message"]
     denials = await mail_to(mail, email, 2)
     assert [m["Message-ID"] for m in denials] == [
         f"<{request_id}.denied@llm-key-requestor>",
