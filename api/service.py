@@ -87,6 +87,8 @@ class AlreadyDecided(Exception):
 
 class DecisionUnconfirmed(Exception):
     """No worker took the decision in time. Temporal keeps it; a worker may still apply it."""
+
+
 class CoolingDown(Exception):
     """Submitted again too soon after a denial (approval.resubmit_after)."""
 

@@ -153,9 +153,7 @@ async def test_metrics_count_every_path_by_model_and_decision(observed, mail, te
     again = await submit(api, emails["admin-approved"])
     assert again["request_id"] == ids["admin-approved"]
 
-    worker = await metric_reaches(
-        observed.worker_metrics, "llm_key_request_email_seconds_count", 4
-    )
+    worker = await metric_reaches(observed.worker_metrics, "llm_key_request_email_seconds_count", 4)
     assert value(worker, "llm_key_requests_started_total", model="gpt-4o") == 4
     decided = "llm_key_requests_decided_total"
     assert value(worker, decided, decision="approved", source="policy") == 1
