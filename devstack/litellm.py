@@ -184,13 +184,14 @@ class _Key:
     created_at: datetime
     blocked: bool = False
     deleted: bool = False
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
     def status(self) -> str:
         if self.deleted:
             return "deleted"
         if self.blocked:
             return "revoked"
-        if self.expires is not None and self.expires <= datetime.now(UTC):
+        if self.expires is not None and self.expires <= self.clock():
             return "expired"
         return "active"
 
@@ -267,6 +268,9 @@ class LiteLLMStandin:
         self.master_key = master_key
         self.host = host
         self._cond = threading.Condition()
+        # Ahead of the wall clock by this much: a test whose Temporal clock skips days sets it,
+        # so that expiry dates the stand-in gives agree with the workflows' clock.
+        self.clock_offset = timedelta(0)
         self._keys: dict[str, _Key] = {}
         self._deleted: list[_Key] = []
         self._faults: list[_Fault] = []
@@ -318,6 +322,9 @@ class LiteLLMStandin:
         self.stop()
 
     # -- inspection and control ------------------------------------------------------------
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self.clock_offset
 
     def keys(self) -> list[dict]:
         """Every key minted so far (deleted ones too, with status "deleted")."""
@@ -501,7 +508,7 @@ class LiteLLMStandin:
                     "Invalid key format. LiteLLM Virtual Key must start with 'sk-'. "
                     f"Received: {masked}",
                 )
-            now = datetime.now(UTC)
+            now = self.now()
             try:
                 expires = None
                 if req.duration is not None:
@@ -531,6 +538,7 @@ class LiteLLMStandin:
                     rpm_limit=req.rpm_limit,
                     max_parallel_requests=req.max_parallel_requests,
                     created_at=now,
+                    clock=self.now,
                 )
                 self._keys[token] = stored
         return {
@@ -615,7 +623,7 @@ class LiteLLMStandin:
                     except ValueError as exc:
                         raise ProxyError(500, str(exc)) from None
                     record.duration = data.duration
-                    record.expires = datetime.now(UTC) + timedelta(seconds=seconds)
+                    record.expires = self.now() + timedelta(seconds=seconds)
                 if data.metadata is not None:
                     record.metadata = dict(data.metadata)
                 if data.max_budget is not None:

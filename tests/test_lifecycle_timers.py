@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
+import pytest
 from temporalio.client import WorkflowHandle
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
@@ -72,6 +73,23 @@ async def runs_of(client, handle: WorkflowHandle) -> list:
         run_id = attributes.new_execution_run_id if last.HasField(
             "workflow_execution_continued_as_new_event_attributes") else ""  # fmt: skip
     return histories
+
+
+@pytest.fixture
+def litellm_clock(litellm):
+    """The LiteLLM stand-in, its clock put back after a test that moved it."""
+    yield litellm
+    litellm.clock_offset = timedelta(0)
+
+
+async def next_run(client, handle: WorkflowHandle) -> WorkflowHandle:
+    """The run that followed the first one (continue-as-new), as visibility tells it."""
+
+    async def started():
+        described = await client.get_workflow_handle(handle.id).describe()
+        return described.run_id if described.run_id != handle.first_execution_run_id else None
+
+    return client.get_workflow_handle(handle.id, run_id=await wait_until(started, 60, "a new run"))
 
 
 async def status_when(handle: WorkflowHandle, condition, what: str) -> RequestStatus:
@@ -137,7 +155,10 @@ async def test_a_30_day_key_is_reminded_renewed_in_place_expires_and_is_cleaned_
         renewed = (await mail_count(mail, email, 3, "the renewal"))[2]
         assert "renewed" in renewed["Subject"] and not KEY.search(plain(renewed))
 
-        status = await status_when(handle, lambda s: s.cycle == 2, "the second cycle")
+        # Queried only once the run has continued as new: a query racing that step can leave
+        # the time-skipping server's clock locked, and the next sleep then never ends.
+        second_run = await next_run(env.client, handle)
+        status = await status_when(second_run, lambda s: s.cycle == 2, "the second cycle")
         assert status.key_expires != first.key_expires
         assert readable_time(status.key_expires) in plain(renewed)
         assert litellm.has_live_key(key)
@@ -171,7 +192,7 @@ async def test_a_30_day_key_is_reminded_renewed_in_place_expires_and_is_cleaned_
 
 
 async def test_an_undecided_renewal_outlives_the_key_and_goes_on_as_a_new_cycle(
-    settings, core_api, kube, litellm, mail
+    settings, core_api, kube, litellm_clock, mail
 ):
     """A renewal needing a person, still undecided when the key expires: the key ends on time,
     and the renewal waits on as the next cycle, which mints a new key once approved."""
@@ -221,15 +242,20 @@ async def test_an_undecided_renewal_outlives_the_key_and_goes_on_as_a_new_cycle(
         await env.sleep(timedelta(days=2))
         expired = (await mail_count(mail, email, 3, "the expiry"))[2]
         assert "expired" in expired["Subject"]
-        assert not litellm.has_live_key(old_key)
+        assert not litellm_clock.has_live_key(old_key)
 
         await status_when(
-            handle, lambda s: s.state == RequestState.PENDING and s.deadline, "cycle 2 to wait"
+            await next_run(env.client, handle),
+            lambda s: s.state == RequestState.PENDING and s.deadline,
+            "cycle 2 to wait",
         )
+        # The new key's expiry must lie ahead on the workflow's clock, which is days past the
+        # wall clock by now.
+        litellm_clock.clock_offset = await env.get_current_time() - datetime.now(UTC)
         await handle.signal("approve", {"reviewer": "carol", "reason": "still needed"})
         new = (await mail_count(mail, email, 4, "the new key"))[3]
         new_key = KEY.search(plain(new)).group(0)
-        assert new_key != old_key and litellm.has_live_key(new_key)
+        assert new_key != old_key and litellm_clock.has_live_key(new_key)
         secret = await asyncio.to_thread(
             core_api.read_namespaced_secret, secret_name(request_id), NAMESPACE
         )
