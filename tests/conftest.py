@@ -22,6 +22,7 @@ from kubernetes import config as kube_config
 from kubernetes.client import CoreV1Api
 from pydantic import SecretStr
 from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
 
 from activities.kubernetes import SecretStore
 from api.main import create_app
@@ -30,7 +31,7 @@ from devstack.kube import KubeStandin
 from devstack.litellm import LiteLLMStandin
 from devstack.mail import MailSink
 from devstack.oidc import APPROVERS_GROUP, OIDCIssuer
-from devstack.temporal import TemporalDevServer, connect_when_ready
+from devstack.temporal import TemporalDevServer, binary, connect_when_ready
 from kube_apiserver import KubeAPIServer, missing_binaries
 from settings import ApprovalRule, Settings, load_settings
 from telemetry import JsonFormatter
@@ -159,6 +160,24 @@ async def stop_worker(worker: RunningWorker) -> None:
     worker.stop.set()
     with contextlib.suppress(asyncio.CancelledError):
         await asyncio.wait_for(worker.task, 30)
+
+
+@contextlib.asynccontextmanager
+async def time_skipping(
+    settings: Settings, core_api: CoreV1Api
+) -> AsyncIterator[WorkflowEnvironment]:
+    """Temporal's time-skipping test server with this project's worker on it, for tests where
+    days must pass. The worker stops when the block ends, also when the test fails, so that it
+    does not poll a stopped server until the session ends."""
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=binary("temporal-test-server")
+    )
+    async with env:
+        running = await start_worker(settings, env.client, core_api)
+        try:
+            yield env
+        finally:
+            await stop_worker(running)
 
 
 @pytest.fixture(scope="session")

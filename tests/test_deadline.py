@@ -6,15 +6,10 @@ import asyncio
 import uuid
 from datetime import timedelta
 
-from temporalio.testing import WorkflowEnvironment
-
-from activities.kubernetes import SecretStore
-from conftest import mail_to, secret_of, unique_email
-from devstack.temporal import binary
+from conftest import mail_to, secret_of, time_skipping, unique_email
 from domain import KeyRequest, RequestState, request_id_for, secret_name, workflow_id
 from test_key_request_flow import plain
 from test_replay import record_history
-from worker import run_worker
 from workflows.key_request import KeyRequestWorkflow
 
 
@@ -24,14 +19,7 @@ async def test_undecided_request_expires_after_seven_days_and_the_requester_is_t
     week = settings.model_copy(
         update={"approval_deadline": timedelta(days=7), "temporal_task_queue": f"ts-{uuid.uuid4()}"}
     )
-    env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=binary("temporal-test-server")
-    )
-    stop = asyncio.Event()
-    async with env:
-        worker = asyncio.create_task(
-            run_worker(week, env.client, SecretStore(core_api, week.namespace), stop)
-        )
+    async with time_skipping(week, core_api) as env:
         email = unique_email("manual.example.com")
         request_id = request_id_for(email, "gpt-4o", "time-skipping")
         handle = await env.client.start_workflow(
@@ -55,5 +43,3 @@ async def test_undecided_request_expires_after_seven_days_and_the_requester_is_t
         assert await env.get_current_time() - before >= timedelta(days=30)
         assert secret_name(request_id) not in [s["metadata"]["name"] for s in kube.secrets()]
         record_history("v2-deadline-expired", await handle.fetch_history())
-        stop.set()
-        await worker

@@ -18,12 +18,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from temporalio.client import WorkflowHandle
 from temporalio.service import RPCError
-from temporalio.testing import WorkflowEnvironment
 
 from activities.email import readable_time
-from activities.kubernetes import SecretStore
-from conftest import NAMESPACE, unique_email, wait_until
-from devstack.temporal import binary
+from conftest import NAMESPACE, time_skipping, unique_email, wait_until
 from domain import (
     QUERY_STATUS,
     UPDATE_RESUBMIT,
@@ -38,7 +35,6 @@ from domain import (
 )
 from test_key_request_flow import KEY, plain
 from test_replay import record_history
-from worker import run_worker
 from workflows.key_request import KeyRequestWorkflow
 
 MODEL = "gpt-4o"
@@ -114,14 +110,7 @@ async def test_a_30_day_key_is_reminded_renewed_in_place_expires_and_is_cleaned_
             "temporal_task_queue": f"ts-{uuid.uuid4()}",
         }
     )
-    env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=binary("temporal-test-server")
-    )
-    stop = asyncio.Event()
-    async with env:
-        worker = asyncio.create_task(
-            run_worker(month, env.client, SecretStore(core_api, month.namespace), stop)
-        )
+    async with time_skipping(month, core_api) as env:
         email = unique_email("approve.example.com")
         request_id = request_id_for(email, MODEL, "time-skipping-life")
         handle = await env.client.start_workflow(
@@ -187,8 +176,6 @@ async def test_a_30_day_key_is_reminded_renewed_in_place_expires_and_is_cleaned_
         assert len(runs) == 2
         record_history("v2-renewed-in-place", runs[0])
         record_history("v2-key-expired", runs[1])
-        stop.set()
-        await worker
 
 
 async def test_an_undecided_renewal_outlives_the_key_and_goes_on_as_a_new_cycle(
@@ -214,14 +201,7 @@ async def test_an_undecided_renewal_outlives_the_key_and_goes_on_as_a_new_cycle(
             "temporal_task_queue": f"ts-{uuid.uuid4()}",
         }
     )
-    env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=binary("temporal-test-server")
-    )
-    stop = asyncio.Event()
-    async with env:
-        worker = asyncio.create_task(
-            run_worker(month, env.client, SecretStore(core_api, month.namespace), stop)
-        )
+    async with time_skipping(month, core_api) as env:
         email = unique_email("approve.example.com")
         request_id = request_id_for(email, MODEL, "time-skipping-renewal")
         handle = await env.client.start_workflow(
@@ -265,8 +245,6 @@ async def test_an_undecided_renewal_outlives_the_key_and_goes_on_as_a_new_cycle(
         runs = await runs_of(env.client, handle)
         assert len(runs) == 2, "the renewal went on as a run of its own"
         record_history("v2-renewal-outlived-key", runs[0])
-        stop.set()
-        await worker
 
 
 async def test_a_revocation_while_a_renewal_waits_for_a_person_wins_at_once(
@@ -285,14 +263,7 @@ async def test_a_revocation_while_a_renewal_waits_for_a_person_wins_at_once(
             "temporal_task_queue": f"ts-{uuid.uuid4()}",
         }
     )
-    env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=binary("temporal-test-server")
-    )
-    stop = asyncio.Event()
-    async with env:
-        worker = asyncio.create_task(
-            run_worker(month, env.client, SecretStore(core_api, month.namespace), stop)
-        )
+    async with time_skipping(month, core_api) as env:
         email = unique_email("approve.example.com")
         request_id = request_id_for(email, MODEL, "time-skipping-revoke")
         handle = await env.client.start_workflow(
@@ -317,5 +288,3 @@ async def test_a_revocation_while_a_renewal_waits_for_a_person_wins_at_once(
         assert not litellm.has_live_key(key)
         status = await status_when(handle, lambda s: s.state == "revoked", "the revoked state")
         assert status.revoked_by == "sec-team" and not status.deadline
-        stop.set()
-        await worker

@@ -7,7 +7,6 @@ real servers on loopback. The workflow is started directly, as in tests/test_dea
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import threading
@@ -17,12 +16,9 @@ from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from temporalio.testing import WorkflowEnvironment
 
-from activities.kubernetes import SecretStore
-from conftest import RULES, secret_of, unique_email, wait_until
+from conftest import RULES, secret_of, time_skipping, unique_email, wait_until
 from devstack.mail import MailSink
-from devstack.temporal import binary
 from domain import (
     QUERY_STATUS,
     SIGNAL_APPROVE,
@@ -36,7 +32,6 @@ from domain import (
 from settings import ApprovalRule
 from test_key_request_flow import KEY, plain
 from test_replay import record_history
-from worker import run_worker
 from workflows.key_request import KeyRequestWorkflow
 
 LEAD, TEAM, HEAD = "lead@example.com", "team@example.com", "head@example.com"
@@ -133,14 +128,7 @@ async def test_approvers_are_told_reminded_and_escalated_to_and_two_must_approve
             ),
         }
     )
-    env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=binary("temporal-test-server")
-    )
-    stop = asyncio.Event()
-    async with env:
-        worker = asyncio.create_task(
-            run_worker(told, env.client, SecretStore(core_api, told.namespace), stop)
-        )
+    async with time_skipping(told, core_api) as env:
         email = unique_email("notified.example.com")
         request_id = request_id_for(email, "gpt-4o", f"notify-{uuid.uuid4()}")
         handle = await env.client.start_workflow(
@@ -196,8 +184,6 @@ async def test_approvers_are_told_reminded_and_escalated_to_and_two_must_approve
         # Nothing more was sent to the people once the request was decided.
         assert len(to(mail, HEAD)) == 1 and len(kind(mail, request_id, "reminder")) == 1
         record_history("v3-reminded-escalated-two-approvers", await handle.fetch_history())
-        stop.set()
-        await worker
 
 
 async def test_a_webhook_that_is_down_never_holds_up_the_request(
@@ -218,14 +204,7 @@ async def test_a_webhook_that_is_down_never_holds_up_the_request(
             ),
         }
     )
-    env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=binary("temporal-test-server")
-    )
-    stop = asyncio.Event()
-    async with env:
-        worker = asyncio.create_task(
-            run_worker(down, env.client, SecretStore(core_api, down.namespace), stop)
-        )
+    async with time_skipping(down, core_api) as env:
         email = unique_email("hookdown.example.com")
         request_id = request_id_for(email, "gpt-4o", f"hook-down-{uuid.uuid4()}")
         handle = await env.client.start_workflow(
@@ -252,8 +231,6 @@ async def test_a_webhook_that_is_down_never_holds_up_the_request(
         assert KEY.search(plain(key_mail))
         status = await wait_until(lambda: _on_key_timers(handle), 30, "the key's timers")
         assert status.state is RequestState.APPROVED
-        stop.set()
-        await worker
 
 
 async def test_a_mail_server_that_is_down_never_holds_up_the_decision(
@@ -277,14 +254,7 @@ async def test_a_mail_server_that_is_down_never_holds_up_the_decision(
             ),
         }
     )
-    env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=binary("temporal-test-server")
-    )
-    stop = asyncio.Event()
-    async with env:
-        worker = asyncio.create_task(
-            run_worker(down, env.client, SecretStore(core_api, down.namespace), stop)
-        )
+    async with time_skipping(down, core_api) as env:
         try:
             email = unique_email("maildown.example.com")
             request_id = request_id_for(email, "gpt-4o", f"mail-down-{uuid.uuid4()}")
@@ -316,8 +286,6 @@ async def test_a_mail_server_that_is_down_never_holds_up_the_decision(
             assert not [m for m in sink.messages if ".approval-" in m["Message-ID"]]
         finally:
             sink.stop()
-            stop.set()
-            await worker
 
 
 async def _with_approvals(handle) -> RequestStatus | None:
