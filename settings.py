@@ -23,6 +23,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -170,6 +171,10 @@ BUILT_IN_REQUEST_ID_KEY = "llm-key-requestor"  # noqa: S105 - public by design; 
 # Placeholders that the shipped examples use; a secret still containing one was never set.
 _PLACEHOLDERS = ("change-me", "changeme", "changethis")
 _MIN_SECRET_LENGTH = 16
+_URL_EXAMPLES = {
+    "litellm_base_url": "http://litellm:4000",
+    "api_public_url": "https://keys.example.com",
+}
 _MAKE_ONE = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
 _SECRET_HINTS = {
     "request_id_key": f"set it once to a long random value and keep it, e.g. {_MAKE_ONE}",
@@ -328,11 +333,12 @@ class Settings(BaseSettings):
             _positive(point)
         return tuple(sorted(set(value), reverse=True))
 
-    @field_validator("litellm_base_url")
+    @field_validator("litellm_base_url", "api_public_url")
     @classmethod
-    def _url(cls, value: str) -> str:
+    def _url(cls, value: str, info: ValidationInfo) -> str:
         if not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError(f"{value!r} is not an http(s) URL, e.g. http://litellm:4000")
+            example = _URL_EXAMPLES[info.field_name]
+            raise ValueError(f"{value!r} is not an http(s) URL, e.g. {example}")
         return value.rstrip("/")
 
     @field_validator("api_cors_origins", mode="before")
@@ -363,13 +369,6 @@ class Settings(BaseSettings):
                     f"{cidr!r} is not an address or CIDR, e.g. 10.0.0.0/8 or 127.0.0.1"
                 ) from None
         return value
-
-    @field_validator("api_public_url")
-    @classmethod
-    def _public_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError(f"{value!r} is not an http(s) URL, e.g. https://keys.example.com")
-        return value.rstrip("/")
 
     @field_validator("approval_notify", "approval_escalate_to")
     @classmethod
