@@ -150,6 +150,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="skip timing the reconciler's parts (listing, decoding, visibility)",
     )
     p.add_argument(
+        "--kube",
+        choices=["standin", "real"],
+        default="standin",
+        help="the Kubernetes API: the stand-in (devstack/kube.py), or a real kube-apiserver on "
+        "etcd (tests/kube_apiserver.py; build it first with scripts/build-kube-apiserver.sh)",
+    )
+    p.add_argument(
         "--sqlite-synchronous",
         default="normal",
         choices=["normal", "off"],
@@ -559,7 +566,8 @@ async def create_pending(stack: Stack, client: Client, requests: list[KeyRequest
         base_url=stack.standins["kube"],
         timeout=60,
         limits=limits,
-        headers={"Authorization": "Bearer standin-token"},
+        headers={"Authorization": f"Bearer {stack.kube_token}"},
+        verify=stack.kube_verify,
     ) as http:
 
         async def create(request: KeyRequest):
@@ -790,6 +798,7 @@ def report(results: dict) -> list[dict]:
         f"temporalio {m['temporalio_sdk']}; {m['temporal_cli']}"
     )
     print(f"Temporal dev server SQLite pragmas: {', '.join(results['temporal_pragmas'])}")
+    print(f"Kubernetes API: {results.get('kube', 'standin')}")
     if results.get("temporal_dynamic_config"):
         print(f"Temporal dynamic config: {', '.join(results['temporal_dynamic_config'])}")
     if lat := results.get("latency"):
@@ -1046,8 +1055,10 @@ def main(argv: list[str] | None = None) -> int:
         pycache,
         synchronous=args.sqlite_synchronous,
         dynamic_config=tuple(args.server_config),
+        real_kube=args.kube == "real",
     )
     results["bytecode"] = "compiled beforehand (cached)" if pycache else "none: compiled at start"
+    results["kube"] = args.kube
     status = 0
     try:
         if pycache is not None:
