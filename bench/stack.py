@@ -398,7 +398,9 @@ class Stack:
 
         if reason := missing_binaries():
             raise RuntimeError(reason)
-        self.kube_apiserver = KubeAPIServer(self.state / "kube-apiserver").start()
+        workdir = self.state / "kube-apiserver"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.kube_apiserver = KubeAPIServer(workdir).start()
         self.standins["kube"] = self.kube_apiserver.url
         self.standins["kubeconfig"] = str(self.kube_apiserver.admin_kubeconfig)
         self.kube_token = ADMIN_TOKEN
