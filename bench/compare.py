@@ -31,6 +31,8 @@ def figures(results: dict) -> dict[str, tuple[str, float | None]]:
         out[f"reconcile_{n}"] = (f"{rec['elapsed_s']:.2f} s", None)
     if burst := results.get("burst"):
         out["burst_lost"] = (f"{burst['lost']} lost, {burst['duplicate_emails']} duplicates", None)
+        others = burst["cpu_s"].get("others", 0.0)
+        out["burst_others"] = (f"{others:.1f} s in {burst['drain_s']:.0f} s", None)
     return out
 
 
@@ -46,6 +48,7 @@ LABELS = {
     "reconcile_1000": "reconcile 1,000 pending Secrets",
     "reconcile_10000": "reconcile 10,000 pending Secrets",
     "burst_lost": "burst: lost / duplicate emails",
+    "burst_others": "burst: CPU of other work on the machine",
 }
 
 
