@@ -1,9 +1,9 @@
 """The reconciler's work on one page of Secrets: compare with Temporal, act on the difference.
 
 One activity call handles a whole page. Temporal is asked through visibility, never one describe
-per Secret: once per run for every running request workflow (streamed, and kept by the worker
-for the run's next pages), then, per page, only about the Secrets whose workflow was not
-running then. Pending requests have running workflows, so a run costs one listing of them plus
+per Secret: once per run for every running request workflow still pending (streamed, and kept
+by the worker for the run's next pages), then, per page, only about the Secrets whose workflow
+was not among them. Pending requests have running workflows, so a run costs one listing of them plus
 the Secret pages, and grows linearly with the Secrets.
 """
 
@@ -144,6 +144,8 @@ class ReconcileActivities:
         running until the next reconcile run, which then acts on it); the others are asked
         about by id, so a workflow started since the listing is never started twice.
         """
+        if not secrets:
+            return {}
         running = await self._running_now()
         ids = [workflow_id(s.metadata.name.removeprefix(SECRET_PREFIX)) for s in secrets]
         runs = {i: running[i] for i in ids if i in running}
@@ -161,13 +163,16 @@ class ReconcileActivities:
         return runs
 
     async def _running_now(self) -> dict[str, _Run]:
-        """Every running request workflow, listed once per reconcile run (per worker)."""
+        """Every running request workflow still pending, listed once per reconcile run (per
+        worker). Pending ones only: a live key's workflow runs for months, and the few Secrets
+        whose workflow is past pending are asked about by id."""
         this_run = activity.info().workflow_run_id or ""
         if self._running is not None and self._running[0] == this_run:
             return self._running[1]
         running: dict[str, _Run] = {}
         async for run in self.temporal.list_workflows(
-            f"WorkflowType = '{KEY_REQUEST_WORKFLOW}' AND ExecutionStatus = 'Running'"
+            f"WorkflowType = '{KEY_REQUEST_WORKFLOW}' AND ExecutionStatus = 'Running' "
+            f"AND {SA_STATE.name} = 'pending'"
         ):
             running[run.id] = _Run(True, False, run.typed_search_attributes.get(SA_STATE))
             if len(running) % 1000 == 0:
