@@ -183,7 +183,11 @@ class NotifyActivities:
             return changed
 
         if await self.store.update(secret_name(notice.request_id), record) is None:
-            raise RuntimeError(f"secret {secret_name(notice.request_id)} is missing; retrying")
+            # Deleted by hand while people decide: retrying cannot bring it back, and the
+            # decision's next step (mint_key or close_request) records the request again.
+            activity.logger.warning("secret %s is missing; approvals not recorded on it",
+                                    secret_name(notice.request_id))  # fmt: skip
+            return
         if changed and notice.approvals:
             audit.record(audit.APPROVAL_RECORDED, request_id=notice.request_id,
                          actor=notice.approvals[-1], approvals=len(notice.approvals),
