@@ -226,6 +226,10 @@ async def test_an_undecided_renewal_outlives_the_key_and_goes_on_as_a_new_cycle(
         await status_when(
             handle, lambda s: s.state == RequestState.PENDING and s.deadline, "cycle 2 to wait"
         )
+        # The stand-in dates a key from the wall clock, which the skipped clock has passed by
+        # 30 days: a 30-day cycle-2 key would be born expired and ended at once (the check below
+        # used to win that race by one activity's round trip). The worker reads this at minting.
+        month.litellm_key_duration = timedelta(days=60)
         await handle.signal("approve", {"reviewer": "carol", "reason": "still needed"})
         new = (await mail_count(mail, email, 4, "the new key"))[3]
         new_key = KEY.search(plain(new)).group(0)
