@@ -71,6 +71,9 @@ PATCH_MAIL_REJECTED = "mail-rejected"
 # A request waiting for people tells them (email, webhook, reminder, escalation) and records
 # each approval as it comes (PRODUCT.md, "People").
 PATCH_APPROVER_NOTIFICATIONS = "approver-notifications"
+# Fewer commands per request (cost per request): the policy comes with record_request's answer,
+# the key's plan with mint_key's, and a search attribute is upserted only when its value changes.
+PATCH_FEWER_COMMANDS = "fewer-commands"
 SA_STATE = SearchAttributeKey.for_keyword("KeyRequestState")
 SA_MODEL = SearchAttributeKey.for_keyword("KeyRequestModel")
 SEARCH_ATTRIBUTES = (SA_STATE, SA_MODEL)
@@ -161,6 +164,9 @@ class RecordedRequest:
     key_minted: bool = False
     notified: bool = False
     key_alias: str = ""
+    # The policy's answer, evaluated in the same activity: a workflow past PATCH_FEWER_COMMANDS
+    # schedules no evaluate_policy of its own for the first decision.
+    policy: PolicyOutcome | None = None
 
 
 @dataclass
@@ -184,6 +190,9 @@ class MintedKey:
 
     key_alias: str
     expires: str | None = None
+    # The key's life as plan_key_life would answer it right after the mint: a workflow past
+    # PATCH_FEWER_COMMANDS then needs no plan_key_life.
+    plan: LifecyclePlan | None = None
 
 
 @dataclass

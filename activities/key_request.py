@@ -68,14 +68,18 @@ HEARTBEAT_EVERY = 2.0
 
 def heartbeating(fn):
     """Heartbeat while the activity runs, so that a worker that dies mid-activity is noticed
-    within the heartbeat timeout instead of after the whole start-to-close timeout."""
+    within the heartbeat timeout instead of after the whole start-to-close timeout.
+
+    The first beat waits HEARTBEAT_EVERY: the heartbeat timeout counts from the activity's
+    start, and most activities end well before that, so an immediate beat would only cost the
+    server one more call per activity."""
 
     @functools.wraps(fn)
     async def run(*args, **kwargs):
         async def beat() -> None:
             while True:
-                activity.heartbeat()
                 await asyncio.sleep(HEARTBEAT_EVERY)
+                activity.heartbeat()
 
         beating = asyncio.create_task(beat())
         try:
@@ -211,7 +215,13 @@ class KeyRequestActivities:
     @activity.defn
     @heartbeating
     async def record_request(self, request: KeyRequest) -> RecordedRequest:
-        """Make sure the request's Secret exists, and say what it already records."""
+        """Make sure the request's Secret exists, and say what it already records and what the
+        policy decides (the workflow then needs no step of its own for the policy)."""
+        recorded = await self._record(request)
+        recorded.policy = self._policy(request)
+        return recorded
+
+    async def _record(self, request: KeyRequest) -> RecordedRequest:
         name = secret_name(request.request_id)
         if await self.store.create(new_secret(request)) is not None:
             return RecordedRequest(RequestState.PENDING)
@@ -280,6 +290,9 @@ class KeyRequestActivities:
     @heartbeating
     async def evaluate_policy(self, request: KeyRequest) -> PolicyOutcome:
         """Apply config.yaml's approval rules; read here so a restart picks up new rules."""
+        return self._policy(request)
+
+    def _policy(self, request: KeyRequest) -> PolicyOutcome:
         s = self.settings
         decision, reason, rule = s.decide(request.email, request.model, request.renewal)
         return PolicyOutcome(
@@ -314,7 +327,8 @@ class KeyRequestActivities:
             raise SecretMissing(name)
         annotations = secret.metadata.annotations
         if annotations.get(KEY_ALIAS) and recorded_state(secret) is RequestState.APPROVED:
-            return MintedKey(annotations[KEY_ALIAS], annotations.get(KEY_EXPIRES) or None)
+            return MintedKey(annotations[KEY_ALIAS], annotations.get(KEY_EXPIRES) or None,
+                             self._plan(secret))  # fmt: skip
 
         # The Secret's uid makes the alias unique to this Secret: a request whose Secret was
         # deleted and recreated gets a new key instead of colliding with the old alias. Later
@@ -340,7 +354,8 @@ class KeyRequestActivities:
             secret.metadata.annotations.update({KEY_ALIAS: alias, KEY_EXPIRES: expires})
             return True
 
-        if await self.store.update(name, mark_approved) is None:
+        approved = await self.store.update(name, mark_approved, current=secret)
+        if approved is None:
             # The Secret (and the only copy of the key) went while we minted: a key nobody can
             # be given must not stay live.
             await self.litellm.delete_keys([alias])
@@ -358,7 +373,7 @@ class KeyRequestActivities:
             expires=expires,
             cycle=cycle_of(secret),
         )
-        return MintedKey(alias, expires or None)
+        return MintedKey(alias, expires or None, self._plan(approved))
 
     @activity.defn
     @heartbeating
@@ -419,7 +434,7 @@ class KeyRequestActivities:
             secret.metadata.annotations[NOTIFIED] = state.value
             return True
 
-        await self.store.update(name, mark_notified)
+        await self.store.update(name, mark_notified, current=secret)
 
     async def _send(self, name: str, message, what: str) -> None:
         """Send; a final refusal is written on the Secret before the workflow hears of it."""
@@ -441,13 +456,15 @@ class KeyRequestActivities:
     @heartbeating
     async def plan_key_life(self, request_id: str) -> LifecyclePlan:
         """The key's alias and expiry from the Secret, the timers' settings from config.yaml."""
+        return self._plan(await self.store.get(secret_name(request_id)))
+
+    def _plan(self, secret: client.V1Secret | None) -> LifecyclePlan:
         s = self.settings
         plan = LifecyclePlan(
             remind_before=[int(p.total_seconds()) for p in s.lifecycle_remind_before],
             rotation_grace=int(s.lifecycle_rotation_grace.total_seconds()),
             retention=int(s.lifecycle_retention.total_seconds()),
         )
-        secret = await self.store.get(secret_name(request_id))
         if secret is not None:
             annotations = secret.metadata.annotations or {}
             plan.key_alias = annotations.get(KEY_ALIAS, "")

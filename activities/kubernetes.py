@@ -102,14 +102,21 @@ class SecretStore:
             raise _explain(exc, f"creating secret {secret.metadata.name}") from None
 
     async def update(
-        self, name: str, mutate: Callable[[client.V1Secret], bool]
+        self,
+        name: str,
+        mutate: Callable[[client.V1Secret], bool],
+        current: client.V1Secret | None = None,
     ) -> client.V1Secret | None:
         """Apply `mutate` to the current Secret and write it back; None if there is none.
 
         `mutate` edits the object in place and returns False when nothing needs writing.
+        `current` is a copy the caller has just read or written: the first attempt starts from it
+        instead of reading again, and its resourceVersion makes the API server refuse the write
+        (409) if the Secret changed since, which sends the next attempt to a fresh read.
         """
         for _ in range(_CONFLICT_RETRIES):
-            secret = await self.get(name)
+            secret = current if current is not None else await self.get(name)
+            current = None
             if secret is None:
                 return None
             if not mutate(secret):

@@ -9,7 +9,6 @@ was told (PRODUCT.md, "People").
 from __future__ import annotations
 
 import html
-import logging
 from email.message import EmailMessage
 from email.utils import formatdate
 
@@ -25,8 +24,6 @@ from activities.kubernetes import SecretStore
 from activities.transient import Transient
 from domain import ApproverNotice, secret_name
 from settings import Settings
-
-log = logging.getLogger(__name__)
 
 # Who has approved so far, comma-separated approver identities; and how many approvals the
 # request needs. Never the requester's email.
@@ -186,10 +183,10 @@ class NotifyActivities:
             return changed
 
         if await self.store.update(secret_name(notice.request_id), record) is None:
-            # Only a display of what the workflow holds; the next step that needs the Secret
-            # (minting, closing) records the request again.
-            log.warning("secret %s is missing; approvals not shown on it",
-                        secret_name(notice.request_id))  # fmt: skip
+            # Deleted by hand while people decide: retrying cannot bring it back, and the
+            # decision's next step (mint_key or close_request) records the request again.
+            activity.logger.warning("secret %s is missing; approvals not recorded on it",
+                                    secret_name(notice.request_id))  # fmt: skip
             return
         if changed and notice.approvals:
             audit.record(audit.APPROVAL_RECORDED, request_id=notice.request_id,

@@ -1,13 +1,17 @@
 """The reconciler's work on one page of Secrets: compare with Temporal, act on the difference.
 
-One activity call handles a whole page, and Temporal is asked once per page through visibility
-(never one describe per Secret), so a run costs pages, not Secrets.
+One activity call handles a whole page. Temporal is asked through visibility, never one describe
+per Secret: once per run for every running request workflow still pending (streamed, and kept
+by the worker for the run's next pages), then, per page, only about the Secrets whose workflow
+was not among them. Pending requests have running workflows, so a run costs one listing of them plus
+the Secret pages, and grows linearly with the Secrets.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from datetime import datetime
 
 from kubernetes import client as k8s
@@ -71,6 +75,25 @@ _CONCURRENCY = 16
 SIGNALS = {"approved": SIGNAL_APPROVE, "denied": SIGNAL_DENY, "revoked": SIGNAL_REVOKE}
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What the reconciler needs of a request's latest workflow run."""
+
+    running: bool
+    completed: bool
+    state: str | None  # its KeyRequestState search attribute
+    close_time: datetime | None = None
+
+    @classmethod
+    def of(cls, run: WorkflowExecution) -> _Run:
+        return cls(
+            running=run.status == WorkflowExecutionStatus.RUNNING,
+            completed=run.status == WorkflowExecutionStatus.COMPLETED,
+            state=run.typed_search_attributes.get(SA_STATE),
+            close_time=run.close_time,
+        )
+
+
 def _first(annotations: dict, names: tuple[str, ...]) -> str:
     return next((annotations[n] for n in names if annotations.get(n)), "")
 
@@ -87,6 +110,9 @@ class ReconcileActivities:
         self.settings = settings
         self.store = store
         self.temporal = temporal
+        # The running request workflows, as listed at the start of one reconcile run: (that
+        # run's id, {workflow id: run}). Pages of the same run that land on this worker reuse it.
+        self._running: tuple[str, dict[str, _Run]] | None = None
 
     @activity.defn
     async def reconcile_page(self, page: ReconcilePage) -> ReconcilePageResult:
@@ -96,7 +122,7 @@ class ReconcileActivities:
         listing = await self.store.list_page(selector, page.page_size, page.continue_token)
         activity.heartbeat()
         counts = ReconcileCounts(scanned=len(listing.items), pages=1)
-        runs = await self._latest_runs(listing.items)
+        runs = await self._runs_of(listing.items)
         limit = asyncio.Semaphore(_CONCURRENCY)
 
         async def one(secret: k8s.V1Secret) -> str:
@@ -111,23 +137,51 @@ class ReconcileActivities:
             setattr(counts, outcome, getattr(counts, outcome) + 1)
         return ReconcilePageResult(counts, listing.continue_token)
 
-    async def _latest_runs(self, secrets: list[k8s.V1Secret]) -> dict[str, WorkflowExecution]:
-        """The running run of each request's workflow, else its latest closed run."""
-        ids = [workflow_id(s.metadata.name.removeprefix(SECRET_PREFIX)) for s in secrets]
-        if not ids:
-            return {}
-        quoted = ", ".join(f"'{i}'" for i in ids)
-        latest: dict[str, WorkflowExecution] = {}
-        async for run in self.temporal.list_workflows(
-            f"WorkflowType = '{KEY_REQUEST_WORKFLOW}' AND WorkflowId IN ({quoted})"
-        ):
-            known = latest.get(run.id)
-            if known is None or _rank(run) > _rank(known):
-                latest[run.id] = run
-        return latest
+    async def _runs_of(self, secrets: list[k8s.V1Secret]) -> dict[str, _Run]:
+        """Each request's running workflow run, else its latest closed run.
 
-    async def _reconcile(self, secret: k8s.V1Secret, run: WorkflowExecution | None) -> str:
-        running = run is not None and run.status == WorkflowExecutionStatus.RUNNING
+        Running ones come from the run's listing (a workflow that ended since is taken for
+        running until the next reconcile run, which then acts on it); the others are asked
+        about by id, so a workflow started since the listing is never started twice.
+        """
+        if not secrets:
+            return {}
+        running = await self._running_now()
+        ids = [workflow_id(s.metadata.name.removeprefix(SECRET_PREFIX)) for s in secrets]
+        runs = {i: running[i] for i in ids if i in running}
+        rest = [i for i in ids if i not in running]
+        if rest:
+            quoted = ", ".join(f"'{i}'" for i in rest)
+            latest: dict[str, WorkflowExecution] = {}
+            async for run in self.temporal.list_workflows(
+                f"WorkflowType = '{KEY_REQUEST_WORKFLOW}' AND WorkflowId IN ({quoted})"
+            ):
+                known = latest.get(run.id)
+                if known is None or _rank(run) > _rank(known):
+                    latest[run.id] = run
+            runs.update({i: _Run.of(run) for i, run in latest.items()})
+        return runs
+
+    async def _running_now(self) -> dict[str, _Run]:
+        """Every running request workflow still pending, listed once per reconcile run (per
+        worker). Pending ones only: a live key's workflow runs for months, and the few Secrets
+        whose workflow is past pending are asked about by id."""
+        this_run = activity.info().workflow_run_id or ""
+        if self._running is not None and self._running[0] == this_run:
+            return self._running[1]
+        running: dict[str, _Run] = {}
+        async for run in self.temporal.list_workflows(
+            f"WorkflowType = '{KEY_REQUEST_WORKFLOW}' AND ExecutionStatus = 'Running' "
+            f"AND {SA_STATE.name} = 'pending'"
+        ):
+            running[run.id] = _Run(True, False, run.typed_search_attributes.get(SA_STATE))
+            if len(running) % 1000 == 0:
+                activity.heartbeat()
+        self._running = (this_run, running)
+        return running
+
+    async def _reconcile(self, secret: k8s.V1Secret, run: _Run | None) -> str:
+        running = run is not None and run.running
         labels = secret.metadata.labels or {}
         annotations = secret.metadata.annotations or {}
         relabelled = labels.get(STATE_LABEL) in ("approved", "denied") and not decision_of(secret)
@@ -145,13 +199,13 @@ class ReconcileActivities:
         if running:
             # Past its decision, the workflow now waits on the key's timers or the clean-up;
             # a Secret still saying pending is brought in line.
-            state = run.typed_search_attributes.get(SA_STATE)
+            state = run.state
             if state and state != "pending" and recorded_state(secret) is RequestState.PENDING:
                 await self._correct(secret.metadata.name, RequestState(state))
                 return "corrected"
             return "in_flight"
-        if run is not None and run.status == WorkflowExecutionStatus.COMPLETED:
-            final = run.typed_search_attributes.get(SA_STATE)
+        if run is not None and run.completed:
+            final = run.state
             requested = _parse_time(annotations.get(REQUESTED_AT, ""))
             # Only if that run served this Secret's request, not an earlier one.
             if final and final != "pending" and (requested is None or run.close_time >= requested):

@@ -37,6 +37,14 @@ def _latency(results: dict, path: Path) -> Path:
         cdf.axvline(
             e2e[q] * 1000, color="grey", linestyle=style, label=f"{q} {e2e[q] * 1000:.0f} ms"
         )
+    if bare := results.get("bare_latency", {}).get("samples_e2e_s"):
+        bare_ms = sorted(b * 1000 for b in bare)
+        cdf.plot(
+            bare_ms,
+            [(i + 1) / len(bare_ms) for i in range(len(bare_ms))],
+            color="#55a868",
+            label=f"bare workflow, p50 {bare_ms[len(bare_ms) // 2]:.0f} ms",
+        )
     cdf.axvline(500, color="#c44e52", linewidth=1, label="target p50 500 ms")
     cdf.set_xlabel("latency (ms)")
     cdf.set_ylabel("fraction of requests")
@@ -84,7 +92,8 @@ def _burst(results: dict, path: Path) -> Path:
         t = [s["t"] for s in samples]
         mem.plot(t, [s.get("worker_rss_mb") for s in samples], label="worker RSS")
         mem.plot(t, [s.get("api_rss_mb") for s in samples], label="API RSS")
-        mem.axhline(200, color="#c44e52", linewidth=1, label="target worker < 200 MB")
+        mem.axhline(150, color="#c44e52", linewidth=1, label="target worker <= 150 MB")
+        mem.axhline(90, color="#dd8452", linewidth=1, label="target API <= 90 MB")
         mem.set_ylim(bottom=0)
         mem.set_xlabel("seconds since the first request")
         mem.set_ylabel("MB")

@@ -328,8 +328,14 @@ class Stack:
         pycache: Path | None,
         synchronous: str = "normal",
         dynamic_config: tuple[str, ...] = (),
+        real_kube: bool = False,
     ) -> None:
         self.state = state
+        self.real_kube = real_kube
+        self.kube_apiserver = None  # tests/kube_apiserver.py's KubeAPIServer, with real_kube
+        # How the benchmark itself reaches the Kubernetes API (the stand-in takes any token).
+        self.kube_token = "standin-token"  # noqa: S105 - the stand-in accepts any token
+        self.kube_verify: str | bool = True
         self.pycache = pycache
         self.synchronous = synchronous
         self.dynamic_config = dynamic_config
@@ -369,6 +375,8 @@ class Stack:
         )  # fmt: skip
         self.children["standins"] = standins
         self.standins = read_json_line(standins, 60)
+        if self.real_kube:
+            self._start_kube_apiserver()
         env = service_env(self.base_env, self.temporal.address, self.standins, self.sink)
         self.children["worker"] = spawn("worker", [py, "worker.py"], self.state / "worker.log", env)
         port = free_port()
@@ -382,6 +390,21 @@ class Stack:
         wait_for_log(self.children["worker"], "worker ready", 90)
         wait_for_http(self.children["api"], f"{self.api_url}/health/ready", 90)
         return self
+
+    def _start_kube_apiserver(self) -> None:
+        """A real kube-apiserver on etcd instead of the stand-in (binaries built beforehand by
+        scripts/build-kube-apiserver.sh), administrator credentials, namespace `default`."""
+        from tests.kube_apiserver import ADMIN_TOKEN, KubeAPIServer, missing_binaries
+
+        if reason := missing_binaries():
+            raise RuntimeError(reason)
+        workdir = self.state / "kube-apiserver"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.kube_apiserver = KubeAPIServer(workdir).start()
+        self.standins["kube"] = self.kube_apiserver.url
+        self.standins["kubeconfig"] = str(self.kube_apiserver.admin_kubeconfig)
+        self.kube_token = ADMIN_TOKEN
+        self.kube_verify = str(self.kube_apiserver.ca_file)
 
     def idle_worker_memory(self, pycache: Path | None) -> dict[str, float]:
         """Peak RSS of one more worker process, started and left idle on a queue of its own."""
@@ -428,6 +451,8 @@ class Stack:
             child = self.children.get(name)
             if child is not None:
                 child.stop()
+        if self.kube_apiserver is not None:
+            self.kube_apiserver.stop()
         if self.sink is not None:
             self.sink.stop()
         if self.temporal is not None:

@@ -104,7 +104,7 @@ async def test_fresh_histories_replay_and_can_be_recorded(
         await wait_until(lambda h=handle: waiting_on_timers(h), 30, f"{name} to be told")
         history = await handle.fetch_history()
         await replayer.replay_workflow(history)
-        record_history(f"v2-{name}", history)
+        record_history(f"v4-{name}", history)
 
 
 async def waiting_on_timers(handle) -> bool:

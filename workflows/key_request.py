@@ -22,6 +22,7 @@ with workflow.unsafe.imports_passed_through():
     from domain import (
         DECLARED_PREFIX,
         PATCH_APPROVER_NOTIFICATIONS,
+        PATCH_FEWER_COMMANDS,
         PATCH_KEY_LIFECYCLE,
         PATCH_MAIL_REJECTED,
         PATCH_SECRET_MISSING,
@@ -44,6 +45,8 @@ with workflow.unsafe.imports_passed_through():
         KeyLife,
         KeyRequest,
         LifecyclePlan,
+        PolicyOutcome,
+        RecordedRequest,
         RequestState,
         RequestStatus,
         Resubmission,
@@ -74,6 +77,19 @@ SHORT_CALLS = dict(
     heartbeat_timeout=HEARTBEAT,
     retry_policy=RetryPolicy(
         maximum_interval=timedelta(seconds=30), non_retryable_error_types=["KubernetesRejected"]
+    ),
+)
+# A new request's first record_request (PATCH_FEWER_COMMANDS) runs as a local activity, inside
+# the workflow task that starts the request: one trip through the server less before the key.
+# It is one quick, idempotent Kubernetes create; a worker that dies meanwhile loses the workflow
+# task, whose timeout (10 s) hands it, and the activity, to another worker. A local activity's
+# retries keep its workflow task open and grow the history, so a Kubernetes API that does not
+# answer within a minute is left to the regular activity's retries.
+RECORDING = dict(
+    start_to_close_timeout=timedelta(seconds=10),
+    schedule_to_close_timeout=timedelta(minutes=1),
+    retry_policy=RetryPolicy(
+        maximum_interval=timedelta(seconds=10), non_retryable_error_types=["KubernetesRejected"]
     ),
 )
 MINTING = dict(
@@ -144,24 +160,25 @@ class KeyRequestWorkflow:
         self._approvals: list[Review] = []
         self._needed = 1
         self._telling: list[asyncio.Task] = []  # notifications under way while people decide
+        self._fewer_commands = False  # set in run(): workflow.patched(PATCH_FEWER_COMMANDS)
 
     @workflow.run
     async def run(self, request: KeyRequest) -> FinalState:
+        # Asked once, first: a run started before the change keeps the commands it began with.
+        self._fewer_commands = workflow.patched(PATCH_FEWER_COMMANDS)
         if request.life is not None:
             # Continued as new after a renewal: the key lives on, with a fresh history.
             return await self._live(request)
         self._set_state(RequestState.PENDING)
 
-        recorded = await workflow.execute_activity_method(
-            KeyRequestActivities.record_request, request, **SHORT_CALLS
-        )
+        recorded = await self._record_first(request)
         if recorded.state is RequestState.APPROVED and recorded.key_minted:
             # Resumed after the key was minted: only the email may still be owed.
             self._decide(recorded.decision or Decision(approved=True, source="record"))
             self._set_state(RequestState.APPROVED)
             delivered = await self._delivered(request, recorded.key_alias)
             if delivered == "sent":
-                if workflow.patched(PATCH_KEY_LIFECYCLE):
+                if self._patched(PATCH_KEY_LIFECYCLE):
                     return await self._live(request)
                 return self._final(request)
             if delivered == "rejected":
@@ -170,7 +187,8 @@ class KeyRequestWorkflow:
         elif recorded.decision is not None:
             self._decide(recorded.decision)
 
-        decision = await self._decision_for(request)
+        policy = recorded.policy if self._fewer_commands else None
+        decision = await self._decision_for(request, policy=policy)
         if decision is None:
             return await self._close(
                 request, RequestState.EXPIRED, "No decision was made before the deadline."
@@ -193,8 +211,9 @@ class KeyRequestWorkflow:
             self._set_state(RequestState.APPROVED)
             delivered = await self._delivered(request, minted.key_alias)
             if delivered == "sent":
-                if workflow.patched(PATCH_KEY_LIFECYCLE):
-                    return await self._live(request)
+                if self._patched(PATCH_KEY_LIFECYCLE):
+                    plan = minted.plan if self._fewer_commands else None
+                    return await self._live(request, plan)
                 return self._final(request)
             if delivered == "rejected":
                 return await self._undeliverable(request)
@@ -233,7 +252,21 @@ class KeyRequestWorkflow:
         return (
             isinstance(cause, ApplicationError)
             and cause.type == "SecretMissing"
-            and workflow.patched(PATCH_SECRET_MISSING)
+            and self._patched(PATCH_SECRET_MISSING)
+        )
+
+    async def _record_first(self, request: KeyRequest) -> RecordedRequest:
+        if self._fewer_commands:
+            try:
+                return await workflow.execute_local_activity_method(
+                    KeyRequestActivities.record_request, request, **RECORDING
+                )
+            except ActivityError as err:
+                workflow.logger.warning("request %s: recording it locally failed (%s); "
+                                        "retrying as a regular activity", request.request_id,
+                                        err.cause or err)  # fmt: skip
+        return await workflow.execute_activity_method(
+            KeyRequestActivities.record_request, request, **SHORT_CALLS
         )
 
     async def _record_again(self, request: KeyRequest) -> None:
@@ -245,13 +278,18 @@ class KeyRequestWorkflow:
         )
 
     async def _decision_for(
-        self, request: KeyRequest, until: datetime | None = None, revocable: bool = False
+        self,
+        request: KeyRequest,
+        until: datetime | None = None,
+        revocable: bool = False,
+        policy: PolicyOutcome | None = None,
     ) -> Decision | None:
-        """The policy's decision, or a human's before the deadline (or `until`, if sooner);
-        None if none came, or if `revocable` and a revocation came first."""
+        """The policy's decision (`policy` if evaluated already), or a human's before the
+        deadline (or `until`, if sooner); None if none came, or if `revocable` and a revocation
+        came first."""
         if self._decision is not None:
             return self._decision
-        outcome = await workflow.execute_activity_method(
+        outcome = policy or await workflow.execute_activity_method(
             KeyRequestActivities.evaluate_policy, request, **SHORT_CALLS
         )
         self._needed = self._status.approvals_needed = outcome.approvals
@@ -270,7 +308,7 @@ class KeyRequestWorkflow:
             if until is not None:
                 deadline = max(min(deadline, until - workflow.now()), timedelta(seconds=1))
             self._show_details()
-            if workflow.patched(PATCH_APPROVER_NOTIFICATIONS):
+            if self._patched(PATCH_APPROVER_NOTIFICATIONS):
                 return await self._wait_for_people(request, outcome.remind_seconds,
                                                    outcome.escalate_seconds, deadline,
                                                    revocable)  # fmt: skip
@@ -388,7 +426,7 @@ class KeyRequestWorkflow:
                 if not self._secret_lost(err):
                     raise
                 await self._record_again(request)
-        if workflow.patched(PATCH_KEY_LIFECYCLE):
+        if self._patched(PATCH_KEY_LIFECYCLE):
             return await self._retain(request)
         return self._final(request)
 
@@ -411,7 +449,7 @@ class KeyRequestWorkflow:
         if not (
             isinstance(cause, ApplicationError)
             and cause.type == "MailRejected"
-            and workflow.patched(PATCH_MAIL_REJECTED)
+            and self._patched(PATCH_MAIL_REJECTED)
         ):
             return False
         self._status.notification_failed = cause.message
@@ -421,10 +459,10 @@ class KeyRequestWorkflow:
     # in workflows that passed workflow.patched(PATCH_KEY_LIFECYCLE): histories recorded before
     # it replay unchanged.
 
-    async def _live(self, request: KeyRequest) -> FinalState:
+    async def _live(self, request: KeyRequest, plan: LifecyclePlan | None = None) -> FinalState:
         """Wait on the key's timers (reminders, expiry, a rotated-out key's grace) and act on
-        revocation, rotation and renewal, until the key ends."""
-        plan = await workflow.execute_activity_method(
+        revocation, rotation and renewal, until the key ends. `plan`: as minting left it."""
+        plan = plan or await workflow.execute_activity_method(
             KeyRequestActivities.plan_key_life, request.request_id, **SHORT_CALLS
         )
         self._plan = plan
@@ -849,10 +887,22 @@ class KeyRequestWorkflow:
         # Every start by the API or the reconciler sets these attributes. A start without them
         # (a namespace where they were never created) must still run the request: upserting an
         # unknown attribute would fail every workflow task.
-        if workflow.info().typed_search_attributes.get(SA_STATE) is not None:
+        shown = workflow.info().typed_search_attributes.get(SA_STATE)
+        if shown is None:
+            return
+        if not self._fewer_commands:
             workflow.upsert_search_attributes(
                 [SA_STATE.value_set(state.value), SA_MODEL.value_set(self._status.model)]
             )
+        elif shown != state.value:
+            # The model never changes and the start set it: only a new state is news.
+            workflow.upsert_search_attributes([SA_STATE.value_set(state.value)])
+
+    def _patched(self, patch: str) -> bool:
+        """workflow.patched(patch) for a patch older than PATCH_FEWER_COMMANDS. A run that passed
+        that one began with every older patch in the code, so it needs no marker (and no
+        TemporalChangeVersion upsert) for them."""
+        return self._fewer_commands or workflow.patched(patch)
 
     def _final(self, request: KeyRequest) -> FinalState:
         status = self._status

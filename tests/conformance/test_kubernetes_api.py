@@ -25,6 +25,7 @@ import pytest
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
+from activities.kubernetes import SecretStore
 from devstack.kube import KubeStandin
 
 pytestmark = pytest.mark.conformance
@@ -210,6 +211,38 @@ def test_replace_uses_resource_version_for_optimistic_concurrency(cluster: Kube)
     assert status["reason"] == "Conflict"
     assert "the object has been modified" in status["message"]
     assert cluster.get("replace").data == {"k": b64("v2")}
+
+
+async def test_the_secret_store_redoes_a_write_from_a_stale_copy_on_a_fresh_read(
+    cluster: Kube,
+) -> None:
+    # The worker writes from the copy it last read or wrote in the same activity, without reading
+    # again: the server's 409 on that copy's resourceVersion is what keeps an edit made meanwhile.
+    store = SecretStore(cluster.api, cluster.namespace, threads=1)
+    ours = cluster.create("store", stringData={"k": "v"})
+    relabelled = cluster.get("store")
+    relabelled.metadata.labels = {**relabelled.metadata.labels, "by": "kubectl"}
+    cluster.api.replace_namespaced_secret(ours.metadata.name, cluster.namespace, relabelled)
+    started_from: list[str] = []
+
+    def mark(value: str) -> Callable[[client.V1Secret], bool]:
+        def mutate(secret: client.V1Secret) -> bool:
+            started_from.append(secret.metadata.resource_version)
+            secret.metadata.annotations = {**(secret.metadata.annotations or {}), "mark": value}
+            return True
+
+        return mutate
+
+    written = await store.update(ours.metadata.name, mark("1"), current=ours)
+    assert started_from[0] == ours.metadata.resource_version and len(started_from) == 2
+    assert written.metadata.labels["by"] == "kubectl"
+    assert written.metadata.annotations["mark"] == "1"
+
+    started_from.clear()
+    again = await store.update(ours.metadata.name, mark("2"), current=written)
+    assert started_from == [written.metadata.resource_version], "a current copy needs no read"
+    assert cluster.get("store").metadata.annotations["mark"] == "2"
+    assert again.data == {"k": b64("v")}
 
 
 @pytest.mark.parametrize(
