@@ -10,7 +10,9 @@
    then N bare one-activity workflows on the same server, for the throughput ratio;
 3. reconcile: one ReconcileWorkflow run over 1,000 and 10,000 pending Secrets whose workflows
    are running (started on a task queue no worker polls, so they stay in flight);
-4. memory: peak RSS (VmHWM) of the worker and the API processes.
+4. memory: peak RSS (VmHWM) of the worker and the API processes;
+5. live (only when asked, `--only live`): 10,000 live keys waiting on their timers, and memory,
+   latency and the burst ratio beside them and without them (`bench/live_keys.py`).
 """
 
 from __future__ import annotations
@@ -77,8 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         action="append",
-        choices=["latency", "burst", "reconcile"],
-        help="run only these benchmarks (repeatable; default: all)",
+        choices=["latency", "burst", "reconcile", "live"],
+        help="run only these benchmarks (repeatable; default: all but live)",
     )
     p.add_argument("--latency-requests", type=int, default=200)
     p.add_argument(
@@ -104,6 +106,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=300,
         help="give up waiting for the burst (and for the bare run) to drain after this",
+    )
+    p.add_argument(
+        "--live-keys",
+        type=int,
+        default=10_000,
+        help="live keys created for --only live (their requests sent --burst-concurrency at a "
+        "time)",
+    )
+    p.add_argument(
+        "--live-keys-via",
+        choices=["temporal", "api"],
+        default="temporal",
+        help="start the live keys' workflows as the API does (temporal), or POST them (api)",
     )
     p.add_argument(
         "--reconcile",
@@ -821,6 +836,10 @@ def report(results: dict) -> list[dict]:
                 line(label, f"{mem[name]:.0f} MB", key="worker_peak_rss_mb", number=mem[name])
             else:
                 line(label, f"{mem[name]:.0f} MB")
+    if live := results.get("live"):
+        from bench.live_keys import report_live
+
+        report_live(live)
     print("=" * 100, flush=True)
     return checks
 
@@ -863,6 +882,10 @@ async def run_all(args: argparse.Namespace, stack: Stack, results: dict) -> None
         results["reconcile"] = await bench_reconcile(
             stack, client, sizes, tag, not args.no_reconcile_profile, pages
         )
+    if "live" in only and args.live_keys > 0:
+        from bench.live_keys import bench_live
+
+        results["live"] = await bench_live(stack, client, args, tag)
     pids = stack.pids()
     results["memory"]["worker_at_end_mb"] = memory_mb(pids["worker"]).get("VmHWM")
     results["memory"]["api_at_end_mb"] = memory_mb(pids["api"]).get("VmHWM")
