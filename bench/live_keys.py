@@ -303,7 +303,10 @@ def report_live(live: dict) -> None:
             "latency p50 / p95 (ms)", *(f"{x['p50'] * 1e3:.0f} / {x['p95'] * 1e3:.0f}" for x in lat)
         )
     row("burst completed/s", *(f"{m['burst']['completed_per_s']:.1f}" for m in both))
-    row("burst lost", *(str(m["burst"]["lost"]) for m in both))
+    row(
+        "burst accepted (HTTP 200) / lost",
+        *(f"{m['burst']['accepted']} / {m['burst']['lost']}" for m in both),
+    )
     row("bare workflows/s", *(f"{m['bare']['completed_per_s']:.1f}" for m in both))
     row("ratio ours / bare", *(f"{m['burst_throughput_ratio']:.2f}" for m in both))
     for part in ("latency", "burst", "bare"):

@@ -1,6 +1,6 @@
 """Benchmarks on the real local stack. Figures are printed and written as JSON; nothing is asserted.
 
-    uv run python -m bench                      # everything, default sizes (~3 minutes)
+    uv run python -m bench                      # all but live, default sizes (~3 minutes)
     uv run python -m bench --only latency --latency-requests 50
     uv run python -m bench --burst 200 --reconcile 1000
 
