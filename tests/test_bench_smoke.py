@@ -17,14 +17,17 @@ def test_benchmark_runs_at_tiny_sizes_and_writes_its_figures(tmp_path):
          "--latency-requests", "3", "--latency-warmup", "1",
          "--burst", "5", "--burst-concurrency", "5", "--burst-timeout", "20",
          "--reconcile", "20", "--no-plots", "--no-idle-probe",
+         "--only", "latency", "--only", "burst", "--only", "reconcile",
+         "--only", "live", "--live-keys", "5",
          "--state-dir", str(tmp_path / "state"), "--pycache", str(tmp_path / "pycache"),
          "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     printed = done.stdout + done.stderr
     assert done.returncode == 0, printed
 
-    for heading in ("1. Latency", "2. Burst of 5", "3. Reconcile over 20", "4. Peak memory"):
+    headings = ("1. Latency", "2. Burst of 5", "3. Reconcile over 20", "4. Peak memory", "5. Live")
+    for heading in headings:
         assert heading in printed, printed
     assert "target < 0.5" in printed  # targets are shown beside the figures, not enforced
 
@@ -34,4 +37,7 @@ def test_benchmark_runs_at_tiny_sizes_and_writes_its_figures(tmp_path):
     assert results["bare"]["workflows"] == 5
     assert [r["pending_secrets"] for r in results["reconcile"]] == [20]
     assert results["memory"]["worker_after_burst_mb"] > 0
+    live = results["live"]
+    assert live["create"]["waiting"]["with_expiry_and_next_reminder"] == 5
+    assert live["with"]["burst"]["accepted"] == 5
     assert "error" not in results
