@@ -99,6 +99,22 @@ async def status_when(handle: WorkflowHandle, condition, what: str) -> RequestSt
     return await wait_until(check, 60, what)
 
 
+async def key_on_its_timers(env, settings, mail, tag: str):
+    """A policy-approved request started on the time-skipping server, once its key is emailed
+    and its timers are set: (handle, request id, email, the key's email, status)."""
+    email = unique_email("approve.example.com")
+    request_id = request_id_for(email, MODEL, tag)
+    handle = await env.client.start_workflow(
+        KeyRequestWorkflow.run,
+        KeyRequest(request_id, email, MODEL, "2026-01-01T00:00:00Z"),
+        id=workflow_id(request_id),
+        task_queue=settings.temporal_task_queue,
+    )
+    [approved] = await mail_count(mail, email, 1, "the key")
+    status = await status_when(handle, lambda s: s.next_reminder, "the reminder timer")
+    return handle, request_id, email, approved, status
+
+
 async def test_a_30_day_key_is_reminded_renewed_in_place_expires_and_is_cleaned_up(
     settings, core_api, kube, litellm, mail
 ):
@@ -111,17 +127,10 @@ async def test_a_30_day_key_is_reminded_renewed_in_place_expires_and_is_cleaned_
         }
     )
     async with time_skipping(month, core_api) as env:
-        email = unique_email("approve.example.com")
-        request_id = request_id_for(email, MODEL, "time-skipping-life")
-        handle = await env.client.start_workflow(
-            KeyRequestWorkflow.run,
-            KeyRequest(request_id, email, MODEL, "2026-01-01T00:00:00Z"),
-            id=workflow_id(request_id),
-            task_queue=month.temporal_task_queue,
+        handle, request_id, email, approved, first = await key_on_its_timers(
+            env, month, mail, "time-skipping-life"
         )
-        [approved] = await mail_count(mail, email, 1, "the key")
         key = KEY.search(plain(approved)).group(0)
-        first = await status_when(handle, lambda s: s.next_reminder, "the reminder timer")
         assert first.state == RequestState.APPROVED and first.cycle == 1 and first.key_expires
 
         # Outside the renewal window a submission changes nothing and sends nothing.
@@ -202,17 +211,10 @@ async def test_an_undecided_renewal_outlives_the_key_and_goes_on_as_a_new_cycle(
         }
     )
     async with time_skipping(month, core_api) as env:
-        email = unique_email("approve.example.com")
-        request_id = request_id_for(email, MODEL, "time-skipping-renewal")
-        handle = await env.client.start_workflow(
-            KeyRequestWorkflow.run,
-            KeyRequest(request_id, email, MODEL, "2026-01-01T00:00:00Z"),
-            id=workflow_id(request_id),
-            task_queue=month.temporal_task_queue,
+        handle, request_id, email, approved, _ = await key_on_its_timers(
+            env, month, mail, "time-skipping-renewal"
         )
-        [approved] = await mail_count(mail, email, 1, "the key")
         old_key = KEY.search(plain(approved)).group(0)
-        await status_when(handle, lambda s: s.next_reminder, "the reminder timer")
         await env.sleep(timedelta(days=28, hours=12))
         await mail_count(mail, email, 2, "the reminder")
         answer = await handle.execute_update(
@@ -264,17 +266,10 @@ async def test_a_revocation_while_a_renewal_waits_for_a_person_wins_at_once(
         }
     )
     async with time_skipping(month, core_api) as env:
-        email = unique_email("approve.example.com")
-        request_id = request_id_for(email, MODEL, "time-skipping-revoke")
-        handle = await env.client.start_workflow(
-            KeyRequestWorkflow.run,
-            KeyRequest(request_id, email, MODEL, "2026-01-01T00:00:00Z"),
-            id=workflow_id(request_id),
-            task_queue=month.temporal_task_queue,
+        handle, request_id, email, approved, _ = await key_on_its_timers(
+            env, month, mail, "time-skipping-revoke"
         )
-        [approved] = await mail_count(mail, email, 1, "the key")
         key = KEY.search(plain(approved)).group(0)
-        await status_when(handle, lambda s: s.next_reminder, "the reminder timer")
         await env.sleep(timedelta(days=24))
         await mail_count(mail, email, 2, "the reminder")
         answer = await handle.execute_update(
