@@ -146,6 +146,17 @@ class KeyRequests:
                 return None
             raise
 
+    async def _running(self, request_id: str, ended: str) -> WorkflowExecutionDescription:
+        """The request's workflow while it runs. UnknownRequest if there is none; AlreadyDecided,
+        worded by `ended` ({id}, {state}), if it has ended."""
+        desc = await self._describe(request_id)
+        if desc is None:
+            raise UnknownRequest(request_id)
+        if desc.status != Status.RUNNING:
+            state = desc.typed_search_attributes.get(SA_STATE) or "closed"
+            raise AlreadyDecided(ended.format(id=request_id, state=state))
+        return desc
+
     async def submit(
         self, email: str, model: str, justification: str = ""
     ) -> tuple[RequestStatus, str]:
@@ -210,12 +221,7 @@ class KeyRequests:
 
     async def order_key(self, request_id: str, update: str, order) -> RequestStatus:
         """Revoke or rotate the live key; AlreadyDecided (409) when there is none."""
-        desc = await self._describe(request_id)
-        if desc is None:
-            raise UnknownRequest(request_id)
-        if desc.status != Status.RUNNING:
-            state = desc.typed_search_attributes.get(SA_STATE) or "closed"
-            raise AlreadyDecided(f"request {request_id} is {state}: there is no live key")
+        desc = await self._running(request_id, "request {id} is {state}: there is no live key")
         handle = self.client.get_workflow_handle(desc.id, run_id=desc.run_id)
         try:
             return await handle.execute_update(update, order, result_type=RequestStatus)
@@ -286,12 +292,7 @@ class KeyRequests:
         return list(await asyncio.gather(*(one(row) for row in rows)))
 
     async def decide(self, request_id: str, decision: Decision) -> RequestStatus:
-        desc = await self._describe(request_id)
-        if desc is None:
-            raise UnknownRequest(request_id)
-        if desc.status != Status.RUNNING:
-            state = desc.typed_search_attributes.get(SA_STATE) or "closed"
-            raise AlreadyDecided(f"request {request_id} is already {state}")
+        desc = await self._running(request_id, "request {id} is already {state}")
         handle = self.client.get_workflow_handle(workflow_id(request_id), run_id=desc.run_id)
         try:
             # The SDK re-sends an update that the server reports as only admitted (no worker
