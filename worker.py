@@ -28,7 +28,7 @@ from temporalio.client import (
     ScheduleUpdateInput,
 )
 from temporalio.service import RPCError
-from temporalio.worker import Worker
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from activities.email import Mailer
 from activities.key_request import KeyRequestActivities
@@ -223,6 +223,12 @@ async def run_worker(
             # On SIGTERM, running activities get this long to finish before they are cancelled
             # (and retried elsewhere); every one of ours is idempotent either way.
             graceful_shutdown_timeout=timedelta(seconds=30),
+            # The SDK's sandbox re-imports the workflow's module for every workflow it starts or
+            # replays and keeps that copy for as long as the workflow is cached: it cost over a
+            # third of this worker's CPU per request and of its memory (BENCHMARKS.md). Its guard
+            # against non-deterministic calls still runs where it can stop a bad change: the
+            # replay tests run every recorded history of every path in the sandbox.
+            workflow_runner=UnsandboxedWorkflowRunner(),
             interceptors=[LogTransientFailures(), FailureMetrics(telemetry.meter)],
         )
         async with worker, serve_health(settings, client, worker):

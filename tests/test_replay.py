@@ -1,9 +1,11 @@
 """Determinism: recorded histories of real runs must replay against today's workflow code.
 
 A change that would break running workflows (reordered activities, a new timer on an old path)
-fails here. Histories are only ever added, never overwritten: the tests that run a path call
-`record_history(name, history)`, which writes `tests/histories/<name>.json` when
-RECORD_HISTORIES=1 is set and no file of that name exists yet (README, "Changing a workflow
+fails here. The replayer runs each history in the SDK's workflow sandbox, which the worker leaves
+out for its cost (worker.py): a workflow path that calls something non-deterministic (the clock,
+randomness, I/O) fails here too. Histories are only ever added, never overwritten: the tests
+that run a path call `record_history(name, history)`, which writes `tests/histories/<name>.json`
+when RECORD_HISTORIES=1 is set and no file of that name exists yet (README, "Changing a workflow
 safely"):
 
     RECORD_HISTORIES=1 uv run pytest tests/test_replay.py tests/test_lifecycle.py \
