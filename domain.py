@@ -74,6 +74,9 @@ PATCH_APPROVER_NOTIFICATIONS = "approver-notifications"
 # Fewer commands per request (cost per request): the policy comes with record_request's answer,
 # the key's plan with mint_key's, and a search attribute is upserted only when its value changes.
 PATCH_FEWER_COMMANDS = "fewer-commands"
+# The key is minted and emailed by local activities too: a policy-approved request goes from its
+# start to its key's timers in one workflow task (implies PATCH_FEWER_COMMANDS).
+PATCH_LOCAL_DELIVERY = "local-delivery"
 SA_STATE = SearchAttributeKey.for_keyword("KeyRequestState")
 SA_MODEL = SearchAttributeKey.for_keyword("KeyRequestModel")
 SEARCH_ATTRIBUTES = (SA_STATE, SA_MODEL)

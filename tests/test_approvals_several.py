@@ -91,7 +91,7 @@ async def test_two_distinct_approvers_are_needed_and_the_same_one_counts_once(
     metadata = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
     assert "approved" in metadata.current_details and email not in metadata.current_details
     history = await handle.fetch_history()
-    record_history("v3-two-approvers-approved", history)
+    record_history("v5-two-approvers-approved", history)
 
 
 async def test_one_denial_denies_whoever_gives_it(signon_api, issuer, mail, kube):

@@ -42,4 +42,4 @@ async def test_undecided_request_expires_after_seven_days_and_the_requester_is_t
         assert result.state == RequestState.EXPIRED
         assert await env.get_current_time() - started >= timedelta(days=7 + 30)
         assert secret_name(request_id) not in [s["metadata"]["name"] for s in kube.secrets()]
-        record_history("v2-deadline-expired", await handle.fetch_history())
+        record_history("v5-deadline-expired", await handle.fetch_history())

@@ -108,7 +108,7 @@ async def test_revoke_by_api_deletes_the_key_and_tells_the_holder_why_and_twice_
     )
     assert again.status_code == 409 and "revoked" in again.json()["message"]
     assert len([m for m in mail.messages if m["To"] == email]) == 2
-    record_history("v2-revoked-by-api", await history_of(temporal_client, request_id))
+    record_history("v5-revoked-by-api", await history_of(temporal_client, request_id))
 
 
 async def test_revoke_by_signal_from_the_temporal_cli(
@@ -183,7 +183,7 @@ async def test_rotate_with_zero_grace_replaces_the_key_at_once(
     # The new key ends when the old one would have (to the minute): rotation is not renewal.
     assert status["key_expires"][:16] == secret["metadata"]["annotations"][
         "llm-key-requestor/key-expires"][:16]  # fmt: skip
-    record_history("v2-rotated", await history_of(temporal_client, request_id))
+    record_history("v5-rotated", await history_of(temporal_client, request_id))
 
 
 async def test_rotate_by_signal_keeps_the_old_key_for_the_grace_period(
@@ -255,7 +255,7 @@ async def test_a_submission_soon_after_a_denial_is_429_with_retry_after_and_no_e
     handle = temporal_client.get_workflow_handle(workflow_id(request_id))
     status = await handle.query(QUERY_STATUS, result_type=RequestStatus)
     assert status.state == "denied" and status.cycle == 1
-    record_history("v2-denied-cooldown", await handle.fetch_history())
+    record_history("v5-denied-cooldown", await handle.fetch_history())
 
 
 # --- short-lived keys: expiry and renewal of an expired key -------------------------------
@@ -293,7 +293,7 @@ async def test_an_expired_key_is_deleted_and_renewing_it_mints_a_new_one_once(
     secret = secret_of(kube, request_id)
     assert secret["metadata"]["labels"]["request-state"] == "key-expired"
     assert not secret.get("data")
-    record_history("v2-key-expired-short", await history_of(temporal_client, request_id))
+    record_history("v5-key-expired-short", await history_of(temporal_client, request_id))
 
     # curl -X POST $API/api/request-key -d '{"email": ..., "llm": "gpt-4o"}': a renewal.
     renewal = await submit(short, email)

@@ -183,8 +183,8 @@ async def test_a_30_day_key_is_reminded_renewed_in_place_expires_and_is_cleaned_
         # Two runs: the first ended in the renewal (continue-as-new), the second in expiry.
         runs = await runs_of(env.client, handle)
         assert len(runs) == 2
-        record_history("v2-renewed-in-place", runs[0])
-        record_history("v2-key-expired", runs[1])
+        record_history("v5-renewed-in-place", runs[0])
+        record_history("v5-key-expired", runs[1])
 
 
 async def test_an_undecided_renewal_outlives_the_key_and_goes_on_as_a_new_cycle(
@@ -246,7 +246,7 @@ async def test_an_undecided_renewal_outlives_the_key_and_goes_on_as_a_new_cycle(
         assert new["Message-ID"] != approved["Message-ID"]
         runs = await runs_of(env.client, handle)
         assert len(runs) == 2, "the renewal went on as a run of its own"
-        record_history("v2-renewal-outlived-key", runs[0])
+        record_history("v5-renewal-outlived-key", runs[0])
 
 
 async def test_a_revocation_while_a_renewal_waits_for_a_person_wins_at_once(

@@ -43,4 +43,4 @@ async def test_a_refused_recipient_fails_the_request_and_deletes_the_key_it_coul
     public = (await api.get(f"/api/requests/{request_id}")).json()
     assert public["state"] == "failed" and public["notification_failed"] == ""
     handle = temporal_client.get_workflow_handle(workflow_id(request_id))
-    record_history("v2-mail-rejected", await handle.fetch_history())
+    record_history("v5-mail-rejected", await handle.fetch_history())

@@ -183,7 +183,7 @@ async def test_approvers_are_told_reminded_and_escalated_to_and_two_must_approve
         assert status.approvals == ["declared:alice", "declared:bob"]
         # Nothing more was sent to the people once the request was decided.
         assert len(to(mail, HEAD)) == 1 and len(kind(mail, request_id, "reminder")) == 1
-        record_history("v3-reminded-escalated-two-approvers", await handle.fetch_history())
+        record_history("v5-reminded-escalated-two-approvers", await handle.fetch_history())
 
 
 async def test_a_webhook_that_is_down_never_holds_up_the_request(

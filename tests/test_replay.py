@@ -9,7 +9,8 @@ when RECORD_HISTORIES=1 is set and no file of that name exists yet (README, "Cha
 safely"):
 
     RECORD_HISTORIES=1 uv run pytest tests/test_replay.py tests/test_lifecycle.py \
-        tests/test_lifecycle_timers.py
+        tests/test_lifecycle_timers.py tests/test_deadline.py tests/test_notifications.py \
+        tests/test_approvals_several.py tests/test_mail_rejected.py tests/test_secret_lost.py
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ async def test_fresh_histories_replay_and_can_be_recorded(
         await wait_until(lambda h=handle: waiting_on_timers(h), 30, f"{name} to be told")
         history = await handle.fetch_history()
         await replayer.replay_workflow(history)
-        record_history(f"v4-{name}", history)
+        record_history(f"v5-{name}", history)
 
 
 async def waiting_on_timers(handle) -> bool:

@@ -6,6 +6,7 @@ import asyncio
 import uuid
 
 from conftest import mail_to, secret_of, unique_email, wait_until
+from domain import workflow_id
 from test_key_request_flow import KEY, plain, submit
 
 
@@ -74,3 +75,27 @@ async def test_outages_that_pass_log_one_warning_line_each_without_a_traceback(
         assert lines, f"no WARNING for {activity_type}:\n" + "\n".join(warnings)
         assert cause in lines[0], lines[0]
     assert len([w for w in warnings if "mint_key" in w]) == 1, "one line per failed attempt"
+
+
+async def test_an_outage_longer_than_the_quick_local_attempts_is_waited_out_in_the_server(
+    api, mail, litellm, kube, temporal_client
+):
+    """Minting runs as a local activity, in the workflow task that started the request, for a
+    few quick attempts only: a LiteLLM that stays down longer is retried by the regular activity,
+    whose retries wait in the server instead of holding the workflow task open."""
+    litellm.fail_next(6, status=503, message="LiteLLM is restarting.")
+    email = unique_email("approve.example.com")
+    request_id = (await submit(api, email))["request_id"]
+
+    [message] = await mail_to(mail, email, within=60)
+    key = KEY.search(plain(message)).group(0)
+    assert litellm.has_live_key(key)
+    alias = secret_of(kube, request_id)["metadata"]["annotations"]["llm-key-requestor/key-alias"]
+    assert sum(1 for k in litellm.keys() if k["key_alias"] == alias) == 1
+    history = await temporal_client.get_workflow_handle(workflow_id(request_id)).fetch_history()
+    regular = [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.HasField("activity_task_scheduled_event_attributes")
+    ]
+    assert regular == ["mint_key"], "the quick attempts ran out, and only then"

@@ -46,7 +46,7 @@ async def test_secret_deleted_while_pending_is_recorded_again_when_approved(
     assert [k["key"] for k in live_keys(litellm, request_id)] == [key]
     assert (await settled(temporal_client, request_id)).state == "approved"
     handle = temporal_client.get_workflow_handle(workflow_id(request_id))
-    record_history("v2-secret-lost-while-pending", await handle.fetch_history())
+    record_history("v5-secret-lost-while-pending", await handle.fetch_history())
 
 
 async def test_secret_lost_right_after_minting_the_key_is_deleted_and_a_new_one_delivered(
@@ -75,4 +75,4 @@ async def test_secret_lost_right_after_minting_the_key_is_deleted_and_a_new_one_
     assert base64.b64decode(secret["data"]["api-key"]).decode() == key
     assert (await settled(temporal_client, request_id)).state == "approved"
     handle = temporal_client.get_workflow_handle(workflow_id(request_id))
-    record_history("v2-secret-lost-after-mint", await handle.fetch_history())
+    record_history("v5-secret-lost-after-mint", await handle.fetch_history())

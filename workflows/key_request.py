@@ -12,7 +12,13 @@ from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    CancelledError,
+    FailureError,
+    RetryState,
+)
 
 from workflows import metrics
 
@@ -24,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
         PATCH_APPROVER_NOTIFICATIONS,
         PATCH_FEWER_COMMANDS,
         PATCH_KEY_LIFECYCLE,
+        PATCH_LOCAL_DELIVERY,
         PATCH_MAIL_REJECTED,
         PATCH_SECRET_MISSING,
         QUERY_STATUS,
@@ -79,19 +86,6 @@ SHORT_CALLS = dict(
         maximum_interval=timedelta(seconds=30), non_retryable_error_types=["KubernetesRejected"]
     ),
 )
-# A new request's first record_request (PATCH_FEWER_COMMANDS) runs as a local activity, inside
-# the workflow task that starts the request: one trip through the server less before the key.
-# It is one quick, idempotent Kubernetes create; a worker that dies meanwhile loses the workflow
-# task, whose timeout (10 s) hands it, and the activity, to another worker. A local activity's
-# retries keep its workflow task open and grow the history, so a Kubernetes API that does not
-# answer within a minute is left to the regular activity's retries.
-RECORDING = dict(
-    start_to_close_timeout=timedelta(seconds=10),
-    schedule_to_close_timeout=timedelta(minutes=1),
-    retry_policy=RetryPolicy(
-        maximum_interval=timedelta(seconds=10), non_retryable_error_types=["KubernetesRejected"]
-    ),
-)
 MINTING = dict(
     start_to_close_timeout=timedelta(minutes=2),
     heartbeat_timeout=HEARTBEAT,
@@ -106,6 +100,21 @@ EMAIL = dict(
     retry_policy=RetryPolicy(
         maximum_interval=timedelta(minutes=5), non_retryable_error_types=["KubernetesRejected"]
     ),
+)
+# Steps that run as local activities, inside the workflow task at hand, so that they need no
+# trip through the server: since PATCH_FEWER_COMMANDS a new request's first record_request, and
+# since PATCH_LOCAL_DELIVERY minting and the requester's emails too. A policy-approved request
+# then goes from its start to its key's timers in one workflow task. Each is idempotent
+# (record_request creates or adopts the Secret; mint_key stores the key it will mint before
+# LiteLLM sees it; an email is marked sent in the Secret, and a resend keeps its Message-ID), so
+# a worker that dies meanwhile only means that the next one runs them again.
+# A local activity's retries hold its workflow task open, so it gets a few quick attempts and
+# then the regular activity takes over, whose retries wait in the server. The bound is the
+# number of attempts: the SDK (temporalio 1.35) does not end a local activity's retries at its
+# schedule_to_close_timeout.
+LOCALLY = dict(
+    start_to_close_timeout=timedelta(seconds=30),
+    retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=4), maximum_attempts=4),
 )
 # Telling people a request waits: a few attempts within a bounded time, then the workflow logs
 # the failure and goes on. A decision never waits for a notification.
@@ -160,12 +169,17 @@ class KeyRequestWorkflow:
         self._approvals: list[Review] = []
         self._needed = 1
         self._telling: list[asyncio.Task] = []  # notifications under way while people decide
-        self._fewer_commands = False  # set in run(): workflow.patched(PATCH_FEWER_COMMANDS)
+        # Set in run(): workflow.patched(PATCH_LOCAL_DELIVERY), and PATCH_FEWER_COMMANDS.
+        self._local_delivery = False
+        self._fewer_commands = False
 
     @workflow.run
     async def run(self, request: KeyRequest) -> FinalState:
-        # Asked once, first: a run started before the change keeps the commands it began with.
-        self._fewer_commands = workflow.patched(PATCH_FEWER_COMMANDS)
+        # Asked once, first: a run started before a change keeps the commands it began with. A
+        # run past the newest patch began with every older one, so it records no marker (and no
+        # TemporalChangeVersion upsert) for them.
+        self._local_delivery = workflow.patched(PATCH_LOCAL_DELIVERY)
+        self._fewer_commands = self._local_delivery or workflow.patched(PATCH_FEWER_COMMANDS)
         if request.life is not None:
             # Continued as new after a renewal: the key lives on, with a fresh history.
             return await self._live(request)
@@ -198,8 +212,11 @@ class KeyRequestWorkflow:
 
         for _ in range(SECRET_LOSSES):
             try:
-                minted = await workflow.execute_activity_method(
-                    KeyRequestActivities.mint_key, args=[request, decision], **MINTING
+                minted = await self._step(
+                    KeyRequestActivities.mint_key,
+                    [request, decision],
+                    MINTING,
+                    LOCALLY if self._local_delivery else None,
                 )
             except ActivityError as err:
                 if self._secret_lost(err):
@@ -256,18 +273,40 @@ class KeyRequestWorkflow:
         )
 
     async def _record_first(self, request: KeyRequest) -> RecordedRequest:
-        if self._fewer_commands:
-            try:
-                return await workflow.execute_local_activity_method(
-                    KeyRequestActivities.record_request, request, **RECORDING
-                )
-            except ActivityError as err:
-                workflow.logger.warning("request %s: recording it locally failed (%s); "
-                                        "retrying as a regular activity", request.request_id,
-                                        err.cause or err)  # fmt: skip
-        return await workflow.execute_activity_method(
-            KeyRequestActivities.record_request, request, **SHORT_CALLS
+        return await self._step(
+            KeyRequestActivities.record_request,
+            [request],
+            SHORT_CALLS,
+            LOCALLY if self._fewer_commands else None,
         )
+
+    async def _step(self, activity, args: list, regular: dict, local: dict | None = None):
+        """Run `activity` with `regular`'s options; first as a local activity with `local`'s, if
+        given. The regular activity takes over when the local one did not succeed."""
+        if local is not None:
+            try:
+                return await workflow.execute_local_activity_method(activity, args=args, **local)
+            except FailureError as err:
+                cause = err.cause if isinstance(err, ActivityError) else err
+                if isinstance(err, CancelledError):
+                    raise
+                if isinstance(cause, ApplicationError) and cause.non_retryable:
+                    if isinstance(err, ActivityError):
+                        raise
+                    # A local activity's failure comes bare; shaped as a regular activity's, it
+                    # meets the same handlers.
+                    raise ActivityError(
+                        f"{activity.__name__} failed",
+                        scheduled_event_id=0,
+                        started_event_id=0,
+                        identity="",
+                        activity_type=activity.__name__,
+                        activity_id="",
+                        retry_state=RetryState.NON_RETRYABLE_FAILURE,
+                    ) from cause
+                workflow.logger.warning("%s failed locally (%s); retrying as a regular activity",
+                                        activity.__name__, cause)  # fmt: skip
+        return await workflow.execute_activity_method(activity, args=args, **regular)
 
     async def _record_again(self, request: KeyRequest) -> None:
         workflow.logger.warning(
@@ -433,8 +472,11 @@ class KeyRequestWorkflow:
     async def _notify(self, request: KeyRequest) -> bool:
         """Email the requester; False if the mail server refused it for good."""
         try:
-            await workflow.execute_activity_method(
-                KeyRequestActivities.notify_requester, request.request_id, **EMAIL
+            await self._step(
+                KeyRequestActivities.notify_requester,
+                [request.request_id],
+                EMAIL,
+                LOCALLY if self._local_delivery else None,
             )
         except ActivityError as err:
             if not self._mail_rejected(err):
