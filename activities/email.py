@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import socket
 import ssl
 from dataclasses import dataclass
 from datetime import datetime
@@ -227,6 +228,9 @@ class Mailer:
         self._user, self._password = user, password
         self._use_tls, self._timeout = use_tls, timeout
         self._tls_context = tls_context
+        # The name our EHLO gives: looked up once, where aiosmtplib would ask the resolver (in a
+        # thread) again for every connection.
+        self._local_hostname = socket.getfqdn()
 
     @_tracer.start_as_current_span("smtp send", kind=trace.SpanKind.CLIENT)
     async def send(self, message: EmailMessage) -> None:
@@ -239,6 +243,7 @@ class Mailer:
                 message,
                 hostname=self.host,
                 port=self.port,
+                local_hostname=self._local_hostname,
                 username=self._user or None,
                 password=self._password or None,
                 use_tls=implicit_tls,
