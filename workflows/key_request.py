@@ -287,9 +287,9 @@ class KeyRequestWorkflow:
             try:
                 return await workflow.execute_local_activity_method(activity, args=args, **local)
             except FailureError as err:
-                cause = err.cause if isinstance(err, ActivityError) else err
                 if isinstance(err, CancelledError):
                     raise
+                cause = err.cause if isinstance(err, ActivityError) else err
                 if isinstance(cause, ApplicationError) and cause.non_retryable:
                     if isinstance(err, ActivityError):
                         raise
