@@ -218,6 +218,10 @@ async def test_a_webhook_that_is_down_never_holds_up_the_request(
 
         async def webhook_failing():
             pending = (await handle.describe()).raw_description.pending_activities
+            if any(a.activity_type.name != "post_to_webhook" for a in pending):
+                # The emails are still finishing: a decision now would ask to cancel an activity
+                # that completes meanwhile, which the time-skipping server cannot take.
+                return []
             return [
                 a for a in pending
                 if a.activity_type.name == "post_to_webhook" and a.last_failure.message
