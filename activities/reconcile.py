@@ -174,7 +174,7 @@ class ReconcileActivities:
             f"WorkflowType = '{KEY_REQUEST_WORKFLOW}' AND ExecutionStatus = 'Running' "
             f"AND {SA_STATE.name} = 'pending'"
         ):
-            running[run.id] = _Run(True, False, run.typed_search_attributes.get(SA_STATE))
+            running[run.id] = _Run.of(run)
             if len(running) % 1000 == 0:
                 activity.heartbeat()
         self._running = (this_run, running)
