@@ -22,6 +22,7 @@ from conftest import (
 from devstack.temporal import binary, connect_when_ready
 from domain import RECONCILE_SCHEDULE_ID, ReconcileCounts, ReconcilePage, workflow_id
 from test_key_request_flow import KEY, plain, submit
+from worker import ensure_reconcile_schedule
 from workflows.reconcile import ReconcileWorkflow
 
 
@@ -243,6 +244,9 @@ async def test_schedule_is_one_after_two_worker_starts_and_follows_the_interval(
         await wait_until(lambda: interval(temporal_server) == "300s", what="the new interval")
     finally:
         await stop_worker(second)
+        # Give the session's Schedule its interval back: at 5 minutes it would fire during
+        # later tests and run the reconciler beside theirs.
+        await ensure_reconcile_schedule(temporal_client, settings)
 
     listed = json.loads(temporal_cli(temporal_server, "schedule", "list", "--output", "json"))
     assert [s["scheduleId"] for s in listed].count(RECONCILE_SCHEDULE_ID) == 1
