@@ -14,17 +14,13 @@ token does not.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import ipaddress
 import secrets
-import time
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import httpx
-import jwt
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from temporalio.client import WorkflowUpdateFailedError
@@ -32,19 +28,14 @@ from temporalio.exceptions import ApplicationError
 
 import audit
 from api.service import KeyRequests
-from connection import tls_context
 from domain import Decision, RequestStatus
 from settings import Settings
 
+if TYPE_CHECKING:
+    from api.oidc import Issuer
+
 EMAIL_HEADER = "X-Auth-Request-Email"
 GROUPS_HEADER = "X-Auth-Request-Groups"
-# Asymmetric only: with a symmetric algorithm the issuer's public key would become a password
-# anyone can read, and "none" is no signature at all.
-ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"]
-_LEEWAY = 30  # seconds of clock skew tolerated on exp/iat/nbf
-# The key set is refetched when older than this, and for an unknown kid at most this often.
-_JWKS_LIFESPAN = 300
-_JWKS_REFETCH = 60
 
 
 class AuthError(HTTPException):
@@ -108,14 +99,15 @@ class Authenticator:
         self._networks = [
             ipaddress.ip_network(c, strict=False) for c in settings.auth_trusted_proxies
         ]
-        self._discovery: dict[str, Any] | None = None
-        self._jwks: jwt.PyJWKClient | None = None
-        self._refetched = float("-inf")
-        self._lock = asyncio.Lock()
+        self.issuer: Issuer | None = None
+        if settings.auth_oidc_issuer:
+            from api.oidc import Issuer  # with cryptography: only where OIDC is on
+
+            self.issuer = Issuer(settings)
 
     @property
     def oidc_enabled(self) -> bool:
-        return bool(self.settings.auth_oidc_issuer)
+        return self.issuer is not None
 
     @property
     def proxy_enabled(self) -> bool:
@@ -125,90 +117,7 @@ class Authenticator:
     def admin_token_enabled(self) -> bool:
         return bool(self.settings.admin_token.get_secret_value())
 
-    @property
-    def audience(self) -> str:
-        return self.settings.auth_oidc_audience or self.settings.auth_oidc_client_id
-
     # OIDC
-
-    async def discovery(self) -> dict[str, Any]:
-        """The issuer's discovery document (fetched once)."""
-        if self._discovery is None:
-            issuer = self.settings.auth_oidc_issuer
-            url = f"{issuer}/.well-known/openid-configuration"
-            try:
-                async with httpx.AsyncClient(verify=tls_context(), timeout=10) as client:
-                    response = await client.get(url)
-                    response.raise_for_status()
-                    document = response.json()
-            except (httpx.HTTPError, ValueError) as exc:
-                raise AuthError(
-                    503, f"OIDC issuer {issuer} unreachable or answering badly ({exc}); retry"
-                ) from None
-            if document.get("issuer", "").rstrip("/") != issuer:
-                raise AuthError(
-                    503,
-                    f"auth.oidc_issuer is {issuer!r} but the issuer calls itself "
-                    f"{document.get('issuer')!r}; make them equal",
-                )
-            self._discovery = document
-        return self._discovery
-
-    async def _jwks_client(self) -> jwt.PyJWKClient:
-        async with self._lock:
-            if self._jwks is None:
-                url = self.settings.auth_oidc_jwks_url or (await self.discovery())["jwks_uri"]
-                self._jwks = jwt.PyJWKClient(
-                    url, lifespan=_JWKS_LIFESPAN, timeout=10, ssl_context=tls_context()
-                )
-            return self._jwks
-
-    async def verify_token(self, token: str, audience: str | None = None) -> dict[str, Any]:
-        """The claims of a JWT the issuer signed for us; AuthError(401) naming what is wrong."""
-        try:
-            kid = jwt.get_unverified_header(token).get("kid")
-        except jwt.DecodeError as exc:
-            raise AuthError(401, f"token refused: neither ADMIN_TOKEN nor a JWT ({exc})") from None
-        key = await self._signing_key(kid)
-        if key is None:
-            raise AuthError(
-                401, f"token refused: key {str(kid)[:40]!r} is not in the issuer's JWKS"
-            )
-        try:
-            return jwt.decode(
-                token,
-                key.key,
-                algorithms=ALGORITHMS,
-                audience=audience or self.audience,
-                issuer=self.settings.auth_oidc_issuer,
-                leeway=_LEEWAY,
-                options={"require": ["exp", "iss", "aud"]},
-            )
-        except jwt.InvalidTokenError as exc:
-            raise AuthError(401, f"token refused: {exc}") from None
-
-    async def _signing_key(self, kid: Any) -> jwt.PyJWK | None:
-        """The issuer's key `kid`. An unknown kid refetches the key set (the issuer may have
-        rotated its keys), at most once per _JWKS_REFETCH: otherwise every made-up kid would
-        make us call the issuer."""
-        client = await self._jwks_client()
-
-        def find(refresh: bool) -> jwt.PyJWK | None:
-            keys = client.get_signing_keys(refresh=refresh)
-            return next((k for k in keys if k.key_id == kid), None)
-
-        try:
-            # PyJWKClient is synchronous (urllib): off the event loop.
-            key = await asyncio.to_thread(find, False)
-            now = time.monotonic()
-            if key is None and now - self._refetched > _JWKS_REFETCH:
-                self._refetched = now
-                key = await asyncio.to_thread(find, True)
-        except jwt.PyJWKClientConnectionError as exc:
-            raise AuthError(503, f"cannot fetch the issuer's JWKS ({exc}); retry") from None
-        except jwt.PyJWKClientError as exc:
-            raise AuthError(503, f"the issuer's JWKS is unusable ({exc})") from None
-        return key
 
     def principal_from_claims(self, claims: dict[str, Any], method: str) -> Principal:
         email = claims.get("email")
@@ -269,8 +178,8 @@ class Authenticator:
                 return Principal(
                     "", frozenset(), "admin-token", self.settings.auth_admin_token_name
                 )
-            if self.oidc_enabled:
-                return self.principal_from_claims(await self.verify_token(token), "oidc")
+            if self.issuer is not None:
+                return self.principal_from_claims(await self.issuer.verify_token(token), "oidc")
             raise AuthError(403, "invalid bearer token: not ADMIN_TOKEN (and OIDC is off)")
         principal = self.from_proxy(request)
         if principal is not None:

@@ -12,10 +12,9 @@ from __future__ import annotations
 import secrets
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
-import httpx
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -26,9 +25,11 @@ from pydantic import ValidationError
 from api.auth import Authenticator, AuthError, Principal, all_approvers, decide_as, session_key
 from api.schemas import KeyRequestIn
 from api.service import AlreadyDecided, KeyRequests, UnknownRequest
-from connection import tls_context
 from domain import JUSTIFICATION_MAX, RequestState, RequestStatus, is_request_id
 from settings import Settings
+
+if TYPE_CHECKING:
+    from api.oidc import Issuer
 
 HERE = Path(__file__).parent
 SESSION_COOKIE = "llmkr_session"
@@ -320,14 +321,22 @@ def _safe_next(target: str) -> str:
     return target if target.startswith("/") and not target.startswith("//") else "/inbox"
 
 
+def _issuer(request: Request) -> Issuer | None:
+    return request.app.state.auth.issuer
+
+
+def _sign_in_off(request: Request) -> Response:
+    return _refused(request, 404, "Sign-in here is off: this service signs people in "
+                    "through an authenticating proxy, or only takes API tokens.")  # fmt: skip
+
+
 @router.get("/login")
 async def login(request: Request, next: str = "/inbox") -> Response:
-    auth: Authenticator = request.app.state.auth
-    if not auth.oidc_enabled:
-        return _refused(request, 404, "Sign-in here is off: this service signs people in "
-                        "through an authenticating proxy, or only takes API tokens.")  # fmt: skip
+    issuer = _issuer(request)
+    if issuer is None:
+        return _sign_in_off(request)
     settings: Settings = request.app.state.settings
-    discovery = await auth.discovery()
+    discovery = await issuer.discovery()
     state, nonce = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
     query = urlencode(
         {
@@ -349,7 +358,9 @@ async def login(request: Request, next: str = "/inbox") -> Response:
 
 @router.get("/auth/callback", name="auth_callback")
 async def auth_callback(request: Request, code: str = "", state: str = "") -> Response:
-    auth: Authenticator = request.app.state.auth
+    issuer, auth = _issuer(request), request.app.state.auth
+    if issuer is None:
+        return _sign_in_off(request)
     settings: Settings = request.app.state.settings
     try:
         started = _serializer(request, "login").loads(
@@ -359,25 +370,9 @@ async def auth_callback(request: Request, code: str = "", state: str = "") -> Re
         return _refused(request, 400, "This sign-in was not started here or took too long.")
     if not code or not secrets.compare_digest(state, started["s"]):
         return _refused(request, 400, "The issuer's answer does not match this sign-in.")
-    discovery = await auth.discovery()
     try:
-        async with httpx.AsyncClient(verify=tls_context(), timeout=10) as client:
-            answer = await client.post(
-                discovery["token_endpoint"],
-                data={
-                    "grant_type": "authorization_code",
-                    "code": code,
-                    "redirect_uri": str(request.url_for("auth_callback")),
-                    "client_id": settings.auth_oidc_client_id,
-                    "client_secret": settings.auth_oidc_client_secret.get_secret_value(),
-                },
-            )
-        answer.raise_for_status()
-        id_token = answer.json()["id_token"]
-    except (httpx.HTTPError, ValueError, KeyError) as exc:
-        return _refused(request, 502, f"The issuer did not give a token ({type(exc).__name__}).")
-    try:
-        claims = await auth.verify_token(id_token, audience=settings.auth_oidc_client_id)
+        id_token = await issuer.exchange_code(code, str(request.url_for("auth_callback")))
+        claims = await issuer.verify_token(id_token, audience=settings.auth_oidc_client_id)
         if not secrets.compare_digest(str(claims.get("nonce", "")), started["n"]):
             raise AuthError(401, "token refused: nonce does not match this sign-in")
         principal = auth.principal_from_claims(claims, "session")
