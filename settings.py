@@ -37,7 +37,8 @@ from pydantic_settings import (
 DEFAULT_CONFIG_FILE = Path(__file__).with_name("config.yaml")
 # Sections of config.yaml whose keys become `<section>_<key>` settings.
 _FLATTENED_SECTIONS = (
-    "litellm", "approval", "smtp", "kubernetes", "temporal", "api", "lifecycle", "auth"
+    "litellm", "approval", "smtp", "kubernetes", "temporal", "api", "lifecycle", "auth",
+    "worker",
 )  # fmt: skip
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
@@ -242,6 +243,11 @@ class Settings(BaseSettings):
 
     # The worker's health endpoint for probes (worker_health.py); 0 = none.
     worker_health_port: int = Field(default=0, ge=0, le=65535)
+    # Workflows the worker keeps in memory between their tasks (the SDK's sticky cache); the
+    # rest are rebuilt from their history when a timer, signal or query reaches them. At least
+    # twice the SDK's 100 concurrent workflow tasks: a cache that in-flight requests fill evicts
+    # workflows while their email is being sent, and the email goes out again (BENCHMARKS.md).
+    worker_max_cached_workflows: int = Field(default=250, ge=200)
 
     # Browser origins allowed to call the API from another origin; none by default.
     api_cors_origins: Annotated[tuple[str, ...], NoDecode] = ()

@@ -229,6 +229,7 @@ async def run_worker(
             # against non-deterministic calls still runs where it can stop a bad change: the
             # replay tests run every recorded history of every path in the sandbox.
             workflow_runner=UnsandboxedWorkflowRunner(),
+            max_cached_workflows=settings.worker_max_cached_workflows,
             interceptors=[LogTransientFailures(), FailureMetrics(telemetry.meter)],
         )
         async with worker, serve_health(settings, client, worker):

@@ -64,6 +64,11 @@ def test_environment_overrides_the_file_with_the_seed_names(config_file, monkeyp
         ({"litellm__colour": "blue"}, "litellm.colour"),
         ({"approval__default": "maybe"}, "approval.default"),
         ({"models": []}, "models"),
+        # Below twice the worker's concurrent workflow tasks, in-flight requests get evicted.
+        (
+            {"worker__max_cached_workflows": 100},
+            "worker.max_cached_workflows (env WORKER_MAX_CACHED_WORKFLOWS)",
+        ),
     ],
 )
 def test_bad_values_name_the_field(config_file, changes, named):
