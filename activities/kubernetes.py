@@ -3,6 +3,9 @@
 The official client is synchronous; calls run in a thread so the worker's event loop stays free.
 Writes are read-modify-replace with the object's resourceVersion, so a concurrent edit (another
 activity attempt, a kubectl relabel) is never overwritten: the write is redone on the fresh copy.
+The store remembers the copy it last created or wrote of each recent Secret; the next write may
+start from that copy instead of reading again, because the resourceVersion check catches a stale
+one.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +28,8 @@ from activities.transient import Transient
 log = logging.getLogger(__name__)
 
 _CONFLICT_RETRIES = 8
+# Secrets whose last copy is remembered: more than the requests in flight in one worker.
+_REMEMBERED = 512
 
 
 class KubernetesRejected(ApplicationError):
@@ -73,6 +79,15 @@ class SecretStore:
         self.api = api
         self.namespace = namespace
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube")
+        self._last: OrderedDict[str, client.V1Secret] = OrderedDict()
+
+    def _remember(self, secret: client.V1Secret | None) -> client.V1Secret | None:
+        if secret is not None:
+            self._last[secret.metadata.name] = secret
+            self._last.move_to_end(secret.metadata.name)
+            if len(self._last) > _REMEMBERED:
+                self._last.popitem(last=False)
+        return secret
 
     async def _call(self, fn: Callable, *args, **kwargs):
         loop = asyncio.get_running_loop()
@@ -95,7 +110,9 @@ class SecretStore:
     async def create(self, secret: client.V1Secret) -> client.V1Secret | None:
         """Create the Secret; None if one of that name exists already."""
         try:
-            return await self._call(self.api.create_namespaced_secret, self.namespace, secret)
+            return self._remember(
+                await self._call(self.api.create_namespaced_secret, self.namespace, secret)
+            )
         except ApiException as exc:
             if exc.status == 409:
                 return None
@@ -110,20 +127,32 @@ class SecretStore:
         """Apply `mutate` to the current Secret and write it back; None if there is none.
 
         `mutate` edits the object in place and returns False when nothing needs writing.
-        `current` is a copy the caller has just read or written: the first attempt starts from it
-        instead of reading again, and its resourceVersion makes the API server refuse the write
-        (409) if the Secret changed since, which sends the next attempt to a fresh read.
+        `current` is a copy the caller has just read or written, else the store's last copy is
+        used: the first attempt starts from it instead of reading again, and its resourceVersion
+        makes the API server refuse the write (409) if the Secret changed since, which sends the
+        next attempt to a fresh read. "Nothing to write" is only believed of a fresh copy or the
+        caller's: the store's may be older than a change that another process made.
         """
         for _ in range(_CONFLICT_RETRIES):
-            secret = current if current is not None else await self.get(name)
+            # Taken out: `mutate` edits in place, and only the API server's answer is kept.
+            remembered = self._last.pop(name, None)
+            secret, believed = current, True
+            if secret is None:
+                secret, believed = remembered, False
+            if secret is None:
+                secret, believed = await self.get(name), True
             current = None
             if secret is None:
                 return None
             if not mutate(secret):
-                return secret
+                if believed:
+                    return secret
+                continue
             try:
-                return await self._call(
-                    self.api.replace_namespaced_secret, name, self.namespace, secret
+                return self._remember(
+                    await self._call(
+                        self.api.replace_namespaced_secret, name, self.namespace, secret
+                    )
                 )
             except ApiException as exc:
                 if exc.status == 409:
@@ -141,6 +170,7 @@ class SecretStore:
         changed meanwhile (a new submission reused it) or is gone."""
         body = client.V1DeleteOptions(preconditions=client.V1Preconditions(
             resource_version=resource_version))  # fmt: skip
+        self._last.pop(name, None)
         try:
             await self._call(self.api.delete_namespaced_secret, name, self.namespace, body=body)
         except ApiException as exc:

@@ -245,6 +245,50 @@ async def test_the_secret_store_redoes_a_write_from_a_stale_copy_on_a_fresh_read
     assert again.data == {"k": b64("v")}
 
 
+async def test_the_secret_store_writes_from_its_last_write_and_keeps_edits_made_since(
+    cluster: Kube,
+) -> None:
+    # Between activities, the worker's next write starts from the copy it last wrote, with no
+    # read. An edit made meanwhile turns that write into a 409 and a fresh read; and "nothing to
+    # write" is never concluded from the remembered copy, which may be that old.
+    store = SecretStore(cluster.api, cluster.namespace, threads=1)
+    name = cluster.create("remembered", stringData={"k": "v"}).metadata.name
+    started_from: list[str] = []
+
+    def ensure(value: str) -> Callable[[client.V1Secret], bool]:
+        def mutate(secret: client.V1Secret) -> bool:
+            started_from.append(secret.metadata.resource_version)
+            if (secret.metadata.annotations or {}).get("mark") == value:
+                return False
+            secret.metadata.annotations = {**(secret.metadata.annotations or {}), "mark": value}
+            return True
+
+        return mutate
+
+    first = await store.update(name, ensure("1"))
+    started_from.clear()
+    second = await store.update(name, ensure("2"))
+    assert started_from == [first.metadata.resource_version], "the last write needs no read"
+
+    # Someone puts the old value back: the remembered copy says "2" is written already.
+    reverted = cluster.get("remembered")
+    reverted.metadata.annotations["mark"] = "1"
+    reverted = cluster.api.replace_namespaced_secret(name, cluster.namespace, reverted)
+    started_from.clear()
+    await store.update(name, ensure("2"))
+    assert started_from == [second.metadata.resource_version, reverted.metadata.resource_version]
+    assert cluster.get("remembered").metadata.annotations["mark"] == "2"
+
+    # Someone relabels: the write from the remembered copy is refused and redone, label kept.
+    relabelled = cluster.get("remembered")
+    relabelled.metadata.labels = {**relabelled.metadata.labels, "by": "kubectl"}
+    cluster.api.replace_namespaced_secret(name, cluster.namespace, relabelled)
+    written = await store.update(name, ensure("3"))
+    assert written.metadata.labels["by"] == "kubectl"
+    assert cluster.get("remembered").metadata.annotations["mark"] == "3"
+    assert written.data == {"k": b64("v")}
+
+
 @pytest.mark.parametrize(
     "content_type", ["application/merge-patch+json", "application/strategic-merge-patch+json"]
 )
