@@ -9,7 +9,6 @@ was told (PRODUCT.md, "People").
 from __future__ import annotations
 
 import html
-from email.message import EmailMessage
 from email.utils import formatdate
 
 import httpx
@@ -18,7 +17,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 import audit
-from activities.email import Mailer
+from activities.email import Mailer, new_message
 from activities.key_request import EMAIL, JUSTIFICATION, MODEL, _a, heartbeating
 from activities.kubernetes import SecretStore
 from activities.transient import Transient
@@ -123,7 +122,7 @@ class NotifyActivities:
                 notice.kind,
             )
             return
-        message = EmailMessage()
+        message = new_message()
         message["Subject"] = subject
         message["From"] = s.smtp_from
         message["To"] = ", ".join(recipients)
