@@ -50,6 +50,10 @@ def core_api() -> client.CoreV1Api:
         config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException:
         config.load_kube_config(client_configuration=configuration)
+    # The proxy the environment names for this host (HTTPS_PROXY, NO_PROXY), fixed now: left to
+    # the environment, the client reads it all again at every call (its token refresh sets the
+    # host), which was half the CPU of a call in a pod's long list of service variables.
+    configuration.proxy = configuration.proxy
     return client.CoreV1Api(client.ApiClient(configuration))
 
 
