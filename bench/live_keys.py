@@ -12,8 +12,8 @@ open as there are live keys. In one run, on one stack, this phase measures
 2. the creation of N live keys: real auto-approved requests, each through the worker's whole
    pipeline (Secret, policy, LiteLLM key, email) until its workflow waits on its timers, the
    burst's concurrency in flight at a time (a request is in flight until its email arrived:
-   started all at once, 10,000 new workflows would compete for the worker's 1,000-workflow
-   cache, a different benchmark). `--live-keys-via temporal` (the default) starts each workflow
+   started all at once, 10,000 new workflows would compete for the worker's workflow cache,
+   a different benchmark). `--live-keys-via temporal` (the default) starts each workflow
    as the API does (`connection.start_key_request`, same input, id and search attributes),
    without the API's HTTP layer and its wait for the policy's answer; `--live-keys-via api`
    POSTs them. Memory is sampled on the way, and the end is checked from visibility (every one
@@ -50,14 +50,16 @@ from bench.run import (
 from bench.stack import TASK_QUEUE, Stack, cpu_seconds, memory_mb
 from connection import start_key_request
 from domain import KeyRequest, request_id_for, workflow_id
+from settings import load_settings
 
 OPEN_REQUESTS = "WorkflowType = 'KeyRequestWorkflow' AND ExecutionStatus = 'Running'"
-SDK_STICKY_CACHE = 1000  # temporalio Worker(max_cached_workflows=...) default; worker.py keeps it
 PROCESSES = ("worker", "temporal", "api", "standins")
 
 
 async def bench_live(stack: Stack, client: Client, args: argparse.Namespace, tag: str) -> dict:
-    result: dict = {"keys": args.live_keys, "worker_sticky_cache": SDK_STICKY_CACHE}
+    # As the worker reads it: the same config.yaml and environment.
+    cache = load_settings().worker_max_cached_workflows
+    result: dict = {"keys": args.live_keys, "worker_sticky_cache": cache}
     log("live: memory of the fresh stack")
     result["fresh"] = await snapshot(stack, client)
     log("live: latency, burst and bare workflows without the live keys")
