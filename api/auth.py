@@ -2,7 +2,8 @@
 
 Three ways in, tried in this order:
 
-1. an OIDC bearer token (a JWT), checked against the issuer's JWKS, issuer, audience and expiry;
+1. an OIDC bearer token (a JWT), checked against the issuer's JWKS, issuer, audience and expiry
+   (api/oidc.py);
 2. the headers of an authenticating proxy (oauth2-proxy's `X-Auth-Request-Email` and
    `X-Auth-Request-Groups`), believed only from the addresses in `auth.trusted_proxies`;
 3. `ADMIN_TOKEN`, for automation, recorded as `auth.admin_token_name`.
