@@ -32,7 +32,7 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from activities.email import Mailer
 from activities.key_request import KeyRequestActivities
-from activities.kubernetes import SecretStore, core_api
+from activities.kubernetes import SecretStore, secrets_api
 from activities.litellm import LiteLLMClient
 from activities.metrics import FailureMetrics, run_census
 from activities.notify import NotifyActivities
@@ -258,7 +258,7 @@ async def main() -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     client = await connect_temporal(settings, telemetry=telemetry)
-    store = SecretStore(core_api(), settings.namespace)
+    store = SecretStore(secrets_api(), settings.namespace)
     await run_worker(settings, client, store, stop, telemetry)
     return 0
 

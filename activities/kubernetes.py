@@ -43,7 +43,62 @@ class KubernetesUnavailable(Transient):
     """The API server failed on its side, throttled us, or could not be reached."""
 
 
-def core_api() -> client.CoreV1Api:
+class SecretsApi:
+    """The Secret endpoints the worker calls, on the official client's ApiClient.
+
+    The same requests, answers and ApiExceptions as CoreV1Api's methods for Secrets, without
+    CoreV1Api itself: that class holds the whole core API in one 63,000-line module, 22 MB of
+    every worker that loads it (BENCHMARKS.md).
+    """
+
+    _PATH = "/api/v1/namespaces/{namespace}/secrets"
+
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self.api_client = api_client
+
+    def _call(self, method: str, path: str, answer: str, body=None, query=None, **path_params):
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        request = self.api_client.param_serialize(
+            method=method,
+            resource_path=path,
+            path_params=path_params,
+            query_params=[(k, v) for k, v in (query or {}).items() if v is not None],
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self.api_client.call_api(*request)
+        response.read()
+        # A status other than 2xx raises ApiException, as CoreV1Api's methods do.
+        return self.api_client.response_deserialize(response, {"2XX": answer}).data
+
+    def read(self, name: str, namespace: str) -> client.V1Secret:
+        return self._call("GET", self._PATH + "/{name}", "V1Secret", namespace=namespace, name=name)
+
+    def create(self, namespace: str, secret: client.V1Secret) -> client.V1Secret:
+        return self._call("POST", self._PATH, "V1Secret", body=secret, namespace=namespace)
+
+    def replace(self, name: str, namespace: str, secret: client.V1Secret) -> client.V1Secret:
+        return self._call(
+            "PUT", self._PATH + "/{name}", "V1Secret", body=secret, namespace=namespace, name=name
+        )
+
+    def delete(self, name: str, namespace: str, options: client.V1DeleteOptions) -> None:
+        self._call(
+            "DELETE", self._PATH + "/{name}", "V1Status", body=options,
+            namespace=namespace, name=name,
+        )  # fmt: skip
+
+    def list(
+        self, namespace: str, label_selector: str, limit: int, continue_token: str | None
+    ) -> client.V1SecretList:
+        query = {"labelSelector": label_selector, "limit": limit, "continue": continue_token}
+        return self._call("GET", self._PATH, "V1SecretList", query=query, namespace=namespace)
+
+
+def secrets_api() -> SecretsApi:
     """A client from the pod's service account when in a cluster, else from KUBECONFIG."""
     configuration = client.Configuration()
     try:
@@ -54,7 +109,7 @@ def core_api() -> client.CoreV1Api:
     # the environment, the client reads it all again at every call (its token refresh sets the
     # host), which was half the CPU of a call in a pod's long list of service variables.
     configuration.proxy = configuration.proxy
-    return client.CoreV1Api(client.ApiClient(configuration))
+    return SecretsApi(client.ApiClient(configuration))
 
 
 def _explain(exc: ApiException, what: str) -> Exception:
@@ -79,7 +134,7 @@ class SecretPage:
 
 
 class SecretStore:
-    def __init__(self, api: client.CoreV1Api, namespace: str, threads: int = 16) -> None:
+    def __init__(self, api: SecretsApi, namespace: str, threads: int = 16) -> None:
         self.api = api
         self.namespace = namespace
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube")
@@ -105,7 +160,7 @@ class SecretStore:
 
     async def get(self, name: str) -> client.V1Secret | None:
         try:
-            return await self._call(self.api.read_namespaced_secret, name, self.namespace)
+            return await self._call(self.api.read, name, self.namespace)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -114,9 +169,7 @@ class SecretStore:
     async def create(self, secret: client.V1Secret) -> client.V1Secret | None:
         """Create the Secret; None if one of that name exists already."""
         try:
-            return self._remember(
-                await self._call(self.api.create_namespaced_secret, self.namespace, secret)
-            )
+            return self._remember(await self._call(self.api.create, self.namespace, secret))
         except ApiException as exc:
             if exc.status == 409:
                 return None
@@ -154,9 +207,7 @@ class SecretStore:
                 continue
             try:
                 return self._remember(
-                    await self._call(
-                        self.api.replace_namespaced_secret, name, self.namespace, secret
-                    )
+                    await self._call(self.api.replace, name, self.namespace, secret)
                 )
             except ApiException as exc:
                 if exc.status == 409:
@@ -176,7 +227,7 @@ class SecretStore:
             resource_version=resource_version))  # fmt: skip
         self._last.pop(name, None)
         try:
-            await self._call(self.api.delete_namespaced_secret, name, self.namespace, body=body)
+            await self._call(self.api.delete, name, self.namespace, body)
         except ApiException as exc:
             if exc.status in (404, 409):
                 return False
@@ -196,11 +247,7 @@ class SecretStore:
         for _ in range(2):
             try:
                 result = await self._call(
-                    self.api.list_namespaced_secret,
-                    self.namespace,
-                    label_selector=label_selector,
-                    limit=limit,
-                    _continue=continue_token or None,
+                    self.api.list, self.namespace, label_selector, limit, continue_token or None
                 )
                 return SecretPage(result.items, result.metadata._continue or None)
             except ApiException as exc:

@@ -103,10 +103,10 @@ def plan(args: argparse.Namespace) -> Plan:
         for v in ("KUBECONFIG", "LITELLM_BASE_URL", "SMTP_HOST", "AUTH_OIDC_ISSUER")
     )
     if not kube:
-        from activities.kubernetes import core_api
+        from activities.kubernetes import secrets_api
 
         try:
-            core_api()
+            secrets_api()
         except Exception as exc:  # the kubernetes client raises several kinds; all mean this
             raise StackError(
                 f"KUBECONFIG={os.environ['KUBECONFIG']}: cannot use it ({exc}); fix it, or unset "
@@ -183,9 +183,8 @@ async def run(stack: Plan, stop: asyncio.Event) -> int:
     """
     print(f"\nLLM Key Requestor local stack, state in {stack.state}\n", flush=True)
     from kubernetes import config as kube_config
-    from kubernetes.client import CoreV1Api
 
-    from activities.kubernetes import SecretStore, core_api
+    from activities.kubernetes import SecretsApi, SecretStore, secrets_api
     from api.main import create_app
     from devstack.kube import KubeStandin
     from devstack.litellm import LiteLLMStandin
@@ -234,11 +233,11 @@ async def run(stack: Plan, stop: asyncio.Event) -> int:
                 stop_task, asyncio.create_task(save_snapshots(kube, snapshot))
             )
             kubeconfig = kube.write_kubeconfig(state / "kubeconfig", "default")
-            api = CoreV1Api(kube_config.new_client_from_config(config_file=str(kubeconfig)))
+            api = SecretsApi(kube_config.new_client_from_config(config_file=str(kubeconfig)))
             say("Kubernetes", f"{kube.url}  STAND-IN, {kept} Secret(s) kept in {snapshot}")
             exports.append(f"export KUBECONFIG={kubeconfig}")
         else:
-            api = core_api()
+            api = secrets_api()
             say("Kubernetes", f"KUBECONFIG={os.environ['KUBECONFIG']}")
 
         if stack.litellm:

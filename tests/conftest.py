@@ -24,7 +24,7 @@ from pydantic import SecretStr
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
-from activities.kubernetes import SecretStore
+from activities.kubernetes import SecretsApi, SecretStore
 from api.main import create_app
 from devstack.http import serve_in_thread
 from devstack.kube import KubeStandin
@@ -151,7 +151,7 @@ class RunningWorker:
 
 async def start_worker(settings: Settings, client: Client, core_api: CoreV1Api) -> RunningWorker:
     stop = asyncio.Event()
-    store = SecretStore(core_api, settings.namespace)
+    store = SecretStore(SecretsApi(core_api.api_client), settings.namespace)
     task = asyncio.create_task(run_worker(settings, client, store, stop))
     return RunningWorker(task, stop)
 

@@ -25,7 +25,7 @@ from kubernetes import client as k8s
 from kubernetes import config as kube_config
 from kubernetes.client.exceptions import ApiException
 
-from activities.kubernetes import SecretStore
+from activities.kubernetes import SecretsApi, SecretStore
 from api.main import create_app
 from conftest import mail_to, settled, start_worker, stop_worker, unique_email, wait_until
 from devstack.http import serve_in_thread
@@ -317,8 +317,7 @@ async def test_the_reconciler_pages_through_hundreds_of_secrets(
 async def test_a_listing_continues_across_a_compaction(cluster):
     """A continue token outlives etcd's history when the reconciler's pages are slow (the API
     server compacts every 5 minutes): the listing carries on instead of failing every retry."""
-    store = SecretStore(k8s.CoreV1Api(client_for(cluster.kubeconfig_of(WORKER_ACCOUNT))),
-                        NAMESPACE)  # fmt: skip
+    store = SecretStore(SecretsApi(client_for(cluster.kubeconfig_of(WORKER_ACCOUNT))), NAMESPACE)
     batch = f"compaction-{uuid.uuid4().hex[:6]}"
     for i in range(4):
         meta = k8s.V1ObjectMeta(name=f"{batch}-{i}", labels={"compaction-batch": batch})

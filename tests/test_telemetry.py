@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from temporalio.client import Client, WorkflowHistory
 from temporalio.worker import Replayer
 
-from activities.kubernetes import SecretStore
+from activities.kubernetes import SecretsApi, SecretStore
 from activities.metrics import census
 from api.main import create_app
 from conftest import mail_to, settled, unique_email, wait_until
@@ -69,7 +69,7 @@ async def observed(settings, temporal_client, core_api, worker, responses):
     worker_telemetry = Telemetry(runtime=process_runtime(worker_port), tracing=True)
     api_telemetry = Telemetry(runtime=process_runtime(api_port), tracing=True)
     client = await connect_temporal(ours, telemetry=worker_telemetry)
-    store = SecretStore(core_api, ours.namespace)
+    store = SecretStore(SecretsApi(core_api.api_client), ours.namespace)
     stop = asyncio.Event()
     running = asyncio.create_task(run_worker(ours, client, store, stop, worker_telemetry))
     served = serve_in_thread(create_app(ours, api_telemetry), lifespan="on")

@@ -25,7 +25,7 @@ import pytest
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
-from activities.kubernetes import SecretStore
+from activities.kubernetes import SecretsApi, SecretStore
 from devstack.kube import KubeStandin
 
 pytestmark = pytest.mark.conformance
@@ -218,7 +218,7 @@ async def test_the_secret_store_redoes_a_write_from_a_stale_copy_on_a_fresh_read
 ) -> None:
     # The worker writes from the copy it last read or wrote in the same activity, without reading
     # again: the server's 409 on that copy's resourceVersion is what keeps an edit made meanwhile.
-    store = SecretStore(cluster.api, cluster.namespace, threads=1)
+    store = SecretStore(SecretsApi(cluster.api.api_client), cluster.namespace, threads=1)
     ours = cluster.create("store", stringData={"k": "v"})
     relabelled = cluster.get("store")
     relabelled.metadata.labels = {**relabelled.metadata.labels, "by": "kubectl"}
@@ -251,7 +251,7 @@ async def test_the_secret_store_writes_from_its_last_write_and_keeps_edits_made_
     # Between activities, the worker's next write starts from the copy it last wrote, with no
     # read. An edit made meanwhile turns that write into a 409 and a fresh read; and "nothing to
     # write" is never concluded from the remembered copy, which may be that old.
-    store = SecretStore(cluster.api, cluster.namespace, threads=1)
+    store = SecretStore(SecretsApi(cluster.api.api_client), cluster.namespace, threads=1)
     name = cluster.create("remembered", stringData={"k": "v"}).metadata.name
     started_from: list[str] = []
 
