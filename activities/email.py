@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import html
 import socket
 import ssl
@@ -253,9 +254,10 @@ class Mailer:
         self._user, self._password = user, password
         self._use_tls, self._timeout = use_tls, timeout
         self._tls_context = tls_context
-        # The name our EHLO gives: looked up once, where aiosmtplib would ask the resolver (in a
-        # thread) again for every connection.
-        self._local_hostname = socket.getfqdn()
+        # The name our EHLO gives: looked up at the first email, then kept, where aiosmtplib would
+        # ask the resolver again for every connection. Not here: a slow resolver would hold up
+        # the worker's start, on its event loop.
+        self._local_hostname: str | None = None
 
     @_tracer.start_as_current_span("smtp send", kind=trace.SpanKind.CLIENT)
     async def send(self, message: EmailMessage) -> None:
@@ -263,6 +265,8 @@ class Mailer:
             {"server.address": self.host, "server.port": self.port}
         )
         implicit_tls = self._use_tls and self.port == 465
+        if self._local_hostname is None:
+            self._local_hostname = await asyncio.to_thread(socket.getfqdn)
         try:
             await aiosmtplib.send(
                 message,
