@@ -195,7 +195,7 @@ class Authenticator:
 _bearer = HTTPBearer(auto_error=False, description="An OIDC access token, or ADMIN_TOKEN")
 
 
-def get_authenticator(request: Request) -> Authenticator:
+async def get_authenticator(request: Request) -> Authenticator:
     return request.app.state.auth
 
 
