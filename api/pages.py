@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import secrets
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
@@ -18,7 +19,6 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from fastapi.templating import Jinja2Templates
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from pydantic import ValidationError
 
@@ -29,6 +29,8 @@ from domain import JUSTIFICATION_MAX, RequestState, RequestStatus, is_request_id
 from settings import Settings
 
 if TYPE_CHECKING:
+    from fastapi.templating import Jinja2Templates
+
     from api.oidc import Issuer
 
 HERE = Path(__file__).parent
@@ -37,7 +39,6 @@ CSRF_COOKIE = "llmkr_csrf"
 LOGIN_COOKIE = "llmkr_login"
 REASON_MAX = 2000
 
-templates = Jinja2Templates(directory=HERE / "templates")
 router = APIRouter(include_in_schema=False)
 
 
@@ -62,7 +63,15 @@ def _age(iso: str) -> str:
     return f"{seconds // 86400} d"
 
 
-templates.env.filters["age"] = _age
+@cache
+def _templates() -> Jinja2Templates:
+    """Jinja2, loaded at the first page rather than at start: about 2 MB of the API process
+    that one answering only JSON never needs."""
+    from fastapi.templating import Jinja2Templates
+
+    templates = Jinja2Templates(directory=HERE / "templates")
+    templates.env.filters["age"] = _age
+    return templates
 
 
 # Sessions and CSRF
@@ -126,7 +135,7 @@ def render(request: Request, template: str, status_code: int = 200, **context) -
         signed_in = context.pop("principal", None) or principal_of(request)
     except AuthError:
         signed_in = None
-    response = templates.TemplateResponse(
+    response = _templates().TemplateResponse(
         request,
         template,
         {
