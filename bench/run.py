@@ -12,7 +12,8 @@
    bare workflow is also run one after another, as the yardstick of the latency;
 3. reconcile: one ReconcileWorkflow run over 1,000 and 10,000 pending Secrets whose workflows
    are running (started on a task queue no worker polls, so they stay in flight);
-4. memory: peak RSS (VmHWM) of the worker and the API processes;
+4. memory: peak RSS (VmHWM) of the worker and the API processes, beside a bare API (FastAPI and
+   the Temporal client, one endpoint that starts the bare workflow) sent the same burst;
 5. live (only when asked, `--only live`): 10,000 live keys waiting on their timers, and memory,
    latency and the burst ratio beside them and without them (`bench/live_keys.py`).
 
@@ -549,6 +550,7 @@ async def bench_bare(
             ]
         )
         memory = memory_mb(worker.pid)
+        api_memory = await bare_api_burst(stack, client, n, concurrency, limit_s, tag)
     finally:
         await asyncio.to_thread(worker.stop)
     drain = closes[-1] if closes else float("nan")
@@ -562,7 +564,38 @@ async def bench_bare(
         "completion_times_s": closes,
         "cpu_s": cpu_delta(cpu_before, cpu_after),
         "worker_memory_mb": memory,
+        "api_memory_mb": api_memory,
     }
+
+
+async def bare_api_burst(
+    stack: Stack, client: Client, n: int, concurrency: int, limit_s: float, tag: str
+) -> dict[str, float]:
+    """The API's yardstick: the same burst through a bare FastAPI + Temporal client app, its
+    workflows run by the bare worker; returns the app's memory once they have all completed."""
+    api, url = await asyncio.to_thread(stack.start_bare_api, BARE_QUEUE)
+    try:
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+
+            async def start(i: int):
+                response = await http.post("/start", json={"workflow_id": f"bare-api-{tag}-{i}"})
+                response.raise_for_status()
+
+            await bounded(list(range(n)), concurrency, start)
+        query = (
+            f"WorkflowType = 'BareWorkflow' AND WorkflowId STARTS_WITH 'bare-api-{tag}-' "
+            "AND ExecutionStatus = 'Completed'"
+        )
+
+        async def done() -> bool:
+            return (await client.count_workflows(query)).count >= n
+
+        # Drained before the next phase, so that its figures carry none of this work.
+        await until(done, limit_s, 0.25)
+        return memory_mb(api.pid)
+    finally:
+        await asyncio.to_thread(api.stop)
 
 
 # --- 3. reconcile --------------------------------------------------------------------------
@@ -912,6 +945,7 @@ def report(results: dict) -> list[dict]:
             ("api_at_end_mb", "API, at the end"),
             ("idle_worker_no_bytecode_mb", "a worker without compiled bytecode, idle"),
             ("bare_worker_mb", "bare workflow worker (yardstick)"),
+            ("bare_api_mb", "bare API, after the same burst (yardstick)"),
         ]
         for name, label in rows:
             if mem.get(name) is None:
@@ -926,6 +960,11 @@ def report(results: dict) -> list[dict]:
                 line(label, f"{mem[name]:.0f} MB", key="api_peak_rss_mb", number=mem[name])
             else:
                 line(label, f"{mem[name]:.0f} MB")
+        if mem.get("api_after_burst_mb") and mem.get("bare_api_mb"):
+            line(
+                "API / bare API, after the burst",
+                f"{mem['api_after_burst_mb'] / mem['bare_api_mb']:.2f}",
+            )
     if found := results.get("ratios"):
         print("\n5. Cost targets: ours / the yardstick measured in this run")
         for key, r in found.items():
@@ -991,6 +1030,7 @@ async def run_all(args: argparse.Namespace, stack: Stack, results: dict) -> None
         )
         bare["loadavg"] = [load, loadavg()]
         results["memory"]["bare_worker_mb"] = bare["worker_memory_mb"].get("VmHWM")
+        results["memory"]["bare_api_mb"] = bare["api_memory_mb"].get("VmHWM")
         if bare["completed_per_s"]:
             results["burst_throughput_ratio"] = burst["completed_per_s"] / bare["completed_per_s"]
     sizes = [int(s) for s in args.reconcile.split(",") if s.strip() and int(s) > 0]

@@ -4,6 +4,8 @@
 - the Kubernetes and LiteLLM stand-ins, in one process of their own (``bench.standins``);
 - the worker: the project's ``worker.py``, configured through the environment as in production;
 - the API: ``uvicorn api.main:create_app --factory``, as the Docker image runs it;
+- the yardsticks, each started for its own phase: a bare workflow's worker (``bench.bare``) and
+  a bare API (``bench.bare_api``);
 - the SMTP sink runs in the benchmark's own process (``TimedMailSink``), which records when each
   recipient's message was accepted.
 """
@@ -351,7 +353,7 @@ class Stack:
         t0 = time.monotonic()
         subprocess.run(  # noqa: S603 - this Python, our own modules
             [sys.executable, "-c",
-             "import worker, api.main, bench.bare, bench.standins; "
+             "import worker, api.main, bench.bare, bench.bare_api, bench.standins; "
              "from kubernetes.client import CoreV1Api"],
             cwd=ROOT, env=self.base_env, check=True, timeout=300,
         )  # fmt: skip
@@ -432,6 +434,23 @@ class Stack:
         read_json_line(child, 60)
         return child
 
+    def start_bare_api(self, task_queue: str) -> tuple[Child, str]:
+        """The API's yardstick (bench/bare_api.py), served as ours is; returns it and its URL."""
+        assert self.temporal is not None
+        env = dict(self.base_env, TEMPORAL_ADDRESS=self.temporal.address,
+                   BARE_TASK_QUEUE=task_queue)  # fmt: skip
+        port = free_port()
+        child = spawn(
+            "bare-api",
+            [sys.executable, "-m", "uvicorn", "bench.bare_api:create_app", "--factory",
+             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+            self.state / "bare-api.log", env,
+        )  # fmt: skip
+        self.children["bare-api"] = child
+        url = f"http://127.0.0.1:{port}"
+        wait_for_http(child, f"{url}/ready", 90)
+        return child, url
+
     def pids(self) -> dict[str, int]:
         pids = {name: child.pid for name, child in self.children.items() if child.alive()}
         if self.temporal and self.temporal.process:
@@ -447,7 +466,7 @@ class Stack:
         return used
 
     def stop(self) -> None:
-        for name in ("bare", "api", "worker", "standins"):
+        for name in ("bare-api", "bare", "api", "worker", "standins"):
             child = self.children.get(name)
             if child is not None:
                 child.stop()

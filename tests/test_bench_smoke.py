@@ -37,6 +37,7 @@ def test_benchmark_runs_at_tiny_sizes_and_writes_its_figures(tmp_path):
     assert results["bare"]["workflows"] == 5
     assert [r["pending_secrets"] for r in results["reconcile"]] == [20]
     assert results["memory"]["worker_after_burst_mb"] > 0
+    assert results["memory"]["bare_api_mb"] > 0  # the API's yardstick took the same burst
     live = results["live"]
     assert live["create"]["waiting"]["with_expiry_and_next_reminder"] == 5
     assert live["with"]["burst"]["accepted"] == 5
