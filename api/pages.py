@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from api.auth import Authenticator, AuthError, Principal, all_approvers, decide_as, session_key
 from api.schemas import KeyRequestIn
-from api.service import AlreadyDecided, KeyRequests, UnknownRequest
+from api.service import AlreadyDecided, BadPageToken, KeyRequests, UnknownRequest
 from domain import JUSTIFICATION_MAX, RequestState, RequestStatus, is_request_id
 from settings import Settings
 
@@ -38,6 +38,7 @@ SESSION_COOKIE = "llmkr_session"
 CSRF_COOKIE = "llmkr_csrf"
 LOGIN_COOKIE = "llmkr_login"
 REASON_MAX = 2000
+INBOX_PAGE = 100  # waiting requests per inbox page
 
 router = APIRouter(include_in_schema=False)
 
@@ -262,13 +263,19 @@ def _approver(request: Request) -> Principal | Response:
 
 
 @router.get("/inbox")
-async def inbox(request: Request, decided: str = "") -> Response:
+async def inbox(request: Request, decided: str = "", page: str = "") -> Response:
+    """The waiting requests, INBOX_PAGE at a time: the newest first, each page's oldest at its
+    top; and the latest decisions."""
     principal = _approver(request)
     if isinstance(principal, Response):
         return principal
     requests = _requests(request)
     settings: Settings = request.app.state.settings
-    pending, _ = await requests.list(RequestState.PENDING, 100, None)
+    try:
+        pending, older = await requests.list(RequestState.PENDING, INBOX_PAGE, page or None)
+    except BadPageToken:
+        return _refused(request, 400, "That inbox page link is not valid; start again at /inbox.")
+    waiting = await requests.count(RequestState.PENDING)
     pending = await requests.detailed(pending)
     recent: list[RequestStatus] = []
     for state in (RequestState.APPROVED, RequestState.DENIED):
@@ -290,6 +297,9 @@ async def inbox(request: Request, decided: str = "") -> Response:
         "inbox.html",
         principal=principal,
         pending=rows,
+        waiting=max(waiting, len(rows)),
+        older=older,
+        first_page=not page,
         recent=recent,
         decided=decided if is_request_id(decided) else "",
     )

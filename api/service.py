@@ -128,6 +128,14 @@ def _visible_status(execution: WorkflowExecution, memo: Mapping | None = None) -
     return status
 
 
+def _query(state: RequestState | None) -> str:
+    """The visibility query for the key requests, in one state or in any."""
+    query = f"WorkflowType = '{KEY_REQUEST_WORKFLOW}'"
+    if state is not None:
+        query += f" AND {SA_STATE.name} = '{state.value}'"
+    return query
+
+
 class KeyRequests:
     def __init__(self, client: Client, settings: Settings) -> None:
         self.client = client
@@ -321,12 +329,9 @@ class KeyRequests:
     async def list(
         self, state: RequestState | None, page_size: int, page_token: str | None
     ) -> tuple[list[RequestStatus], str | None]:
-        query = f"WorkflowType = '{KEY_REQUEST_WORKFLOW}'"
-        if state is not None:
-            query += f" AND {SA_STATE.name} = '{state.value}'"
         token = self._open_token(page_token) if page_token else None
         iterator = self.client.list_workflows(
-            query, page_size=page_size, next_page_token=token, limit=None, rpc_timeout=_RPC
+            _query(state), page_size=page_size, next_page_token=token, limit=None, rpc_timeout=_RPC
         )
         await iterator.fetch_next_page()
         rows = [
@@ -335,6 +340,9 @@ class KeyRequests:
         ]
         next_token = iterator.next_page_token
         return rows, self._seal_token(next_token) if next_token else None
+
+    async def count(self, state: RequestState) -> int:
+        return (await self.client.count_workflows(_query(state), rpc_timeout=_RPC)).count
 
     # Page tokens are Temporal's, signed: a forged or mangled one is refused here instead of
     # costing Temporal a failing query (which the client would retry for seconds).

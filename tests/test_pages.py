@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from api import pages
 from conftest import mail_to, secret_of, unique_email, wait_until
 from devstack.oidc import APPROVERS_GROUP
 from test_key_request_flow import KEY, plain
@@ -279,3 +280,47 @@ async def test_two_approvers_each_approve_from_the_inbox(
         await second.close()
     [message] = await mail_to(mail, email)
     assert KEY.search(plain(message))
+
+
+async def test_the_inbox_pages_through_more_waiting_requests_than_fit_on_one(
+    context, signon_api, monkeypatch
+):
+    monkeypatch.setattr(pages, "INBOX_PAGE", 2)
+    ids = []
+    for _ in range(3):
+        email = unique_email("manual.example.com")
+        response = await signon_api.post("/api/request-key", json={"email": email, "llm": "gpt-4o"})
+        ids.append(response.json()["request_id"])
+    page = await context.new_page()
+    await sign_in(page)
+
+    async def walk() -> tuple[int, list[list[str]]]:
+        """Every inbox page from the first, following the link to older requests."""
+        await page.goto("/inbox")
+        heading = await page.locator("#pending-heading").inner_text()
+        waiting = int(re.search(r"\((\d+)\)", heading).group(1))
+        shown: list[list[str]] = []
+        for _ in range(waiting + 1):  # a page too many at most: the last may come up empty
+            ids_here = await page.locator("section.request h3").evaluate_all(
+                "hs => hs.map(h => h.id.slice(4))"
+            )
+            shown.append(ids_here)
+            older = page.get_by_role("link", name="Older waiting requests")
+            if not await older.count():
+                break
+            await older.click()
+            await page.get_by_role("link", name="Back to the newest requests").wait_for()
+        return waiting, shown
+
+    async def all_three_found():
+        waiting, shown = await walk()
+        found = [request_id for ids_here in shown for request_id in ids_here]
+        return (waiting, shown) if all(found.count(i) == 1 for i in ids) else None
+
+    waiting, shown = await wait_until(all_three_found, what="the three requests in the inbox")
+    assert waiting >= 3 and len(shown) >= 2
+    assert all(len(ids_here) <= 2 for ids_here in shown)
+
+    refused = await context.request.get("/inbox?page=not-a-token")
+    assert refused.status == 400
+    assert "start again at /inbox" in await refused.text()
