@@ -92,7 +92,7 @@ ERRORS = {
 
 
 # Dependencies are coroutines because FastAPI runs a plain `def` dependency in its thread pool:
-# two thread hand-offs per request, and under a burst 40 threads with a malloc arena each.
+# two thread hand-offs per request, and 40 more threads under a burst.
 async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
