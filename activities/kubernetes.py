@@ -201,10 +201,11 @@ class SecretStore:
         for _ in range(_CONFLICT_RETRIES):
             # Taken out: `mutate` edits in place, and only the API server's answer is kept.
             remembered = self._last.pop(name, None)
-            secret, believed = current, True
-            if secret is None:
+            if current is not None:
+                secret, believed = current, True
+            elif remembered is not None:
                 secret, believed = remembered, False
-            if secret is None:
+            else:
                 secret, believed = await self.get(name), True
             current = None
             if secret is None:
